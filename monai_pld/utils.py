@@ -1,0 +1,243 @@
+"""Small shared helpers: atomic file writes, checksums, config checks, seeds and version records."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ConfigError",
+    "as_bool",
+    "atomic_write",
+    "atomic_save_torch",
+    "atomic_save_json",
+    "atomic_savez",
+    "sha256_file",
+    "library_versions",
+    "resolve_device",
+    "derive_seed",
+    "check_distillation_config",
+    "flatten_params",
+    "MATCHERS",
+    "PARAMETERIZATIONS",
+    "IMAGE_SIZES",
+]
+
+MATCHERS = ("dm",)
+PARAMETERIZATIONS = ("slfd", "latent", "pixel")
+IMAGE_SIZES = (28, 64, 128, 224)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and what is accepted."""
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """Read a boolean config value, accepting the strings a command line produces (``true``, ``False``, ``1``...).
+
+    Raises:
+        ConfigError: when ``value`` is not a recognisable boolean.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise ConfigError(f"'{key}' must be true or false, got {value!r}; e.g. --{key} true")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write a file so that readers see either the old complete file or the new complete one, never a partial one.
+
+    ``write`` receives a binary file object in the same directory; the file is flushed, fsynced and renamed over
+    ``path`` only when ``write`` returns.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write indented UTF-8 JSON through :func:`atomic_write`."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """``numpy.savez_compressed`` through :func:`atomic_write` (no object arrays, so it loads without pickle)."""
+    for name, arr in arrays.items():
+        if np.asarray(arr).dtype == object:
+            raise TypeError(f"array '{name}' has dtype object, which would need pickle to load; use str or numbers")
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine a result, for manifests and checkpoints."""
+    import ignite
+    import monai
+
+    import monai_pld
+
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses to unpickle.
+    versions = {
+        "monai_pld": str(monai_pld.__version__),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "pytorch-ignite": str(ignite.__version__),
+        "numpy": str(np.__version__),
+    }
+    try:
+        import medmnist
+
+        versions["medmnist"] = str(medmnist.__version__)
+    except Exception:  # medmnist swallows its own import errors; a missing version is not fatal for a record
+        pass
+    return versions
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Turn a config value (``cpu``, ``cuda``, ``cuda:1``, ``auto`` or None) into a device, checking availability.
+
+    Raises:
+        ConfigError: for an unknown device string or CUDA asked for on a machine without it.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as e:
+        raise ConfigError(f"'device' must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'device' is {device!r} but CUDA is not available here; use --device cpu (or auto)")
+    return dev
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A deterministic 63-bit seed from a base seed and integers (e.g. the iteration), stable across runs."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(int(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"'{name}' must be an integer >= {minimum}, got {value!r}; e.g. --{name} {max(minimum, 1)}")
+
+
+def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigError(f"'{name}' must be a finite number {bound}, got {value!r}")
+
+
+def check_distillation_config(
+    ipc: Any,
+    iterations: Any,
+    matcher: Any,
+    parameterization: Any,
+    rank: Any,
+    image_size: Any,
+    seed: Any = 0,
+    device: Any = "auto",
+    samples_per_slot: Any = 1,
+    batch_real_per_class: Any = 64,
+    kl_weight: Any = 0.0,
+    lr_codes: Any = 0.01,
+    lr_network: Any = 0.001,
+    log_interval: Any = 1,
+    checkpoint_interval: Any = 1,
+    resume: Any = False,
+    download: Any = True,
+    antithetic: Any = False,
+) -> dict[str, Any]:
+    """Check every distillation config value before any work starts.
+
+    Returns:
+        the normalised values (booleans parsed, device resolved to a string).
+
+    Raises:
+        ConfigError: naming the first offending key, its value and what is accepted.
+    """
+    _check_int("ipc", ipc, 1)
+    _check_int("iterations", iterations, 1)
+    _check_int("rank", rank, 0)
+    _check_int("seed", seed, 0)
+    _check_int("samples_per_slot", samples_per_slot, 1)
+    _check_int("batch_real_per_class", batch_real_per_class, 1)
+    _check_int("log_interval", log_interval, 1)
+    _check_int("checkpoint_interval", checkpoint_interval, 1)
+    if matcher not in MATCHERS:
+        raise ConfigError(f"'matcher' must be one of {list(MATCHERS)}, got {matcher!r}; e.g. --matcher dm")
+    if parameterization not in PARAMETERIZATIONS:
+        raise ConfigError(
+            f"'parameterization' must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}; "
+            "e.g. --parameterization slfd"
+        )
+    if image_size not in IMAGE_SIZES:
+        raise ConfigError(f"'image_size' must be one of {list(IMAGE_SIZES)}, got {image_size!r}")
+    _check_number("kl_weight", kl_weight, 0.0)
+    _check_number("lr_codes", lr_codes, 0.0, strict=True)
+    _check_number("lr_network", lr_network, 0.0, strict=True)
+    antithetic = as_bool(antithetic, "antithetic")
+    if antithetic and samples_per_slot % 2:
+        raise ConfigError(f"'samples_per_slot' must be even with antithetic sampling, got {samples_per_slot}")
+    return {
+        "resume": as_bool(resume, "resume"),
+        "download": as_bool(download, "download"),
+        "antithetic": antithetic,
+        "device": str(resolve_device(device)),
+    }
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Config values as MLflow params: scalars kept, sequences joined, everything else as ``str``."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = ",".join(str(v) for v in value)
+        else:
+            out[key] = str(value)
+    return out
+
