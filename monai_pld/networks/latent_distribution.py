@@ -1,0 +1,452 @@
+"""Learnable parameterisations of a distilled set in a generator's latent space.
+
+A distilled set has ``num_classes * ipc`` *slots*, sorted by class. Each slot owns a code ``u_i`` of shape
+``(C, h, w)`` (the generator's ``latent_shape``); a frozen generator turns latents into images. Two
+parameterisations share one API (:class:`LatentParameterization`):
+
+* :class:`LatentCodes`: the codes themselves, deterministic (the GLaD-style ``latent`` baseline; with an identity
+  generator, the classic ``pixel`` one).
+* :class:`SLFDistribution`: every slot is a low-rank Gaussian ``N(mu_i, P_i P_i^T + diag(d_i))`` over its flattened
+  latent (D = C*h*w), whose ``mu_i``, ``P_i`` and ``d_i`` come from a lightweight network shared by all slots and
+  classes (Stochastic Latent Feature Distillation; see docs/architecture.md).
+
+Both are ``nn.Module`` s whose ``state_dict`` is the whole distilled set (slots, labels and network), loadable with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import LowRankMultivariateNormal, kl_divergence
+
+__all__ = ["LatentCodes", "LatentParameterization", "SLFDistribution"]
+
+SAMPLE_MODES = ("mean", "sample")
+
+
+def _check_slots(init_codes: Tensor, labels: Tensor, num_classes: int) -> int:
+    """Validate slot codes and labels and return the number of slots per class (ipc).
+
+    Raises:
+        ValueError: when the codes are not a floating 4-D tensor, the labels are not integer class ids in range, one
+            per code, or the slots are not sorted by class with the same number per class.
+    """
+    if not isinstance(init_codes, Tensor) or init_codes.ndim != 4 or not init_codes.is_floating_point():
+        got = type(init_codes).__name__
+        if isinstance(init_codes, Tensor):
+            got = f"{init_codes.dtype} tensor of shape {tuple(init_codes.shape)}"
+        raise ValueError(
+            f"'init_codes' must be a floating-point tensor (num_slots, C, h, w), got a {got}; "
+            "stack one latent per slot, e.g. generator.encode(images) or torch.randn(n, *generator.latent_shape)"
+        )
+    num_slots = init_codes.shape[0]
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"'labels' must be a 1-D integer tensor of class ids, got {labels!r:.80}; "
+            "e.g. torch.arange(num_classes).repeat_interleave(ipc)"
+        )
+    if labels.shape[0] != num_slots:
+        raise ValueError(
+            f"'labels' has {labels.shape[0]} entries but 'init_codes' has {num_slots} slots; give one label per slot"
+        )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"'num_classes' must be a positive int, got {num_classes!r}")
+    if num_slots == 0:
+        raise ValueError("'init_codes' has no slots; give at least one slot per class")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"'labels' must lie in [0, {num_classes - 1}] for num_classes={num_classes}, got values in "
+            f"[{labels.min().item()}, {labels.max().item()}]; check 'num_classes' or the label mapping"
+        )
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"every class needs the same number of slots (ipc), got per-class counts {counts.tolist()}; "
+            "draw exactly ipc initial codes for every class"
+        )
+    ipc = int(counts[0])
+    expected = torch.arange(num_classes).repeat_interleave(ipc)
+    if not torch.equal(labels.long().cpu(), expected):
+        raise ValueError(
+            f"'labels' must be sorted by class ({ipc} slots of class 0, then of class 1, ...), got "
+            f"{labels.tolist()!s:.120}; sort the slots with torch.argsort(labels, stable=True)"
+        )
+    return ipc
+
+
+class LatentParameterization(nn.Module):
+    """Common base: learnable slot codes with class labels, sampled into latents and rendered into images.
+
+    Subclasses implement :meth:`mean` and :meth:`_draw`; sampling, seeded latents and rendering are shared.
+
+    Args:
+        init_codes: ``(num_slots, C, h, w)`` initial codes, copied into the ``codes`` parameter.
+        labels: ``(num_slots,)`` integer class ids, sorted by class, the same number (``ipc``) for every class.
+        num_classes: number of classes.
+
+    Raises:
+        ValueError: when the codes or labels are malformed (see messages).
+    """
+
+    labels: Tensor
+
+    def __init__(self, init_codes: Tensor, labels: Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.ipc = _check_slots(init_codes, labels, num_classes)
+        self.num_classes = num_classes
+        self.latent_shape: tuple[int, int, int] = tuple(init_codes.shape[1:])
+        self.codes = nn.Parameter(init_codes.detach().clone())
+        self.register_buffer("labels", labels.detach().to(device=init_codes.device, dtype=torch.long).clone())
+
+    @property
+    def num_slots(self) -> int:
+        """Number of slots, ``num_classes * ipc``."""
+        return self.codes.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, ipc={self.ipc}, latent_shape={self.latent_shape}"
+
+    def mean(self) -> Tensor:  # pragma: no cover - interface
+        """Most likely latent per slot, ``(num_slots, C, h, w)``, differentiable."""
+        raise NotImplementedError
+
+    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:  # pragma: no cover - interface
+        """Reparameterised latents ``(n_per_slot, num_slots, C, h, w)``; the arguments are already validated."""
+        raise NotImplementedError
+
+    def sample(self, n_per_slot: int = 1, antithetic: bool = False) -> tuple[Tensor, Tensor]:
+        """Draw latents for every slot, differentiably (reparameterisation), from the global RNG.
+
+        Args:
+            n_per_slot: samples per slot.
+            antithetic: draw ``n_per_slot / 2`` noise vectors and use each with both signs: sample ``k`` and sample
+                ``k + n_per_slot / 2`` of a slot are mirror images around its mean (variance reduction).
+
+        Returns:
+            ``latents`` of shape ``(n_per_slot * num_slots, C, h, w)`` and ``labels`` of shape
+            ``(n_per_slot * num_slots,)``, sample-major: all slots' first sample, then all slots' second sample, ...
+
+        Raises:
+            ValueError: when ``n_per_slot`` is not a positive int, or is odd with ``antithetic=True``.
+        """
+        if not isinstance(n_per_slot, int) or n_per_slot < 1:
+            raise ValueError(f"'n_per_slot' must be a positive int, got {n_per_slot!r}")
+        if antithetic and n_per_slot % 2:
+            raise ValueError(
+                f"antithetic sampling uses +eps/-eps pairs, so 'n_per_slot' must be even, got {n_per_slot}; "
+                "use an even number of samples per slot or antithetic=False"
+            )
+        latents = self._draw(n_per_slot, antithetic)
+        return latents.reshape(n_per_slot * self.num_slots, *self.latent_shape), self.labels.repeat(n_per_slot)
+
+    def kl_to_prior(self) -> Tensor:
+        """Regulariser of the slots towards a class prior; 0 for parameterisations without one."""
+        return self.codes.new_zeros(())
+
+    @torch.no_grad()
+    def latents(self, mode: str = "mean", seed: int = 0) -> tuple[Tensor, Tensor]:
+        """One latent per slot, detached: the mean, or one sample drawn with a fixed seed.
+
+        ``mode="sample"`` seeds a forked RNG (CPU and the module's CUDA device), so the global RNG state is untouched
+        and the same seed always gives the same latents.
+
+        Args:
+            mode: ``"mean"`` or ``"sample"``.
+            seed: seed of the sample (ignored for ``"mean"``).
+
+        Returns:
+            ``latents`` ``(num_slots, C, h, w)`` and ``labels`` ``(num_slots,)``.
+
+        Raises:
+            ValueError: when ``mode`` is unknown.
+        """
+        if mode == "mean":
+            latents, labels = self.mean(), self.labels
+        elif mode == "sample":
+            device = self.codes.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                latents, labels = self.sample(1)
+        else:
+            raise ValueError(f"'mode' must be one of {SAMPLE_MODES}, got {mode!r}")
+        # the mean of LatentCodes is the parameter itself: hand out a copy, never a view into the distilled set
+        return latents.detach().clone(), labels.clone()
+
+    @torch.no_grad()
+    def render(self, generator, mode: str = "mean", seed: int = 0, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+        """Images of one latent per slot (see :meth:`latents`), decoded in chunks to bound the generator's memory.
+
+        Args:
+            generator: object with ``decode(f) -> images``, on the same device as this module.
+            mode: ``"mean"`` or ``"sample"``.
+            seed: seed of the sample (ignored for ``"mean"``).
+            chunk_size: latents decoded per generator call.
+
+        Returns:
+            ``images`` ``(num_slots, *image_shape)`` clamped to ``[0, 1]`` and ``labels`` ``(num_slots,)``.
+
+        Raises:
+            ValueError: when ``mode`` is unknown or ``chunk_size`` is not a positive int.
+        """
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"'chunk_size' must be a positive int, got {chunk_size!r}")
+        latents, labels = self.latents(mode, seed)
+        images = torch.cat([generator.decode(chunk).clamp(0.0, 1.0) for chunk in latents.split(chunk_size)])
+        return images, labels
+
+
+class LatentCodes(LatentParameterization):
+    """Deterministic codes (the GLaD-style ``latent`` baseline; with an identity generator, the classic ``pixel`` one).
+
+    ``sample`` returns the codes repeated ``n_per_slot`` times and draws no random numbers.
+
+    Args:
+        init_codes: ``(num_slots, C, h, w)`` initial codes, copied into the ``codes`` parameter.
+        labels: ``(num_slots,)`` integer class ids, sorted by class, the same number (``ipc``) for every class.
+        num_classes: number of classes.
+
+    Raises:
+        ValueError: when the codes or labels are malformed.
+
+    Example::
+
+        codes = LatentCodes(generator.encode(images), labels, num_classes=9)
+        latents, syn_labels = codes.sample()
+    """
+
+    def mean(self) -> Tensor:
+        """The codes, ``(num_slots, C, h, w)`` (the parameter itself)."""
+        return self.codes
+
+    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:
+        return self.codes.expand(n_per_slot, *self.codes.shape)
+
+
+class SLFDistribution(LatentParameterization):
+    """Per-slot low-rank Gaussians over latents, produced by a lightweight network shared by all slots and classes.
+
+    For slot ``i`` of class ``c`` with code ``u_i`` (``(C, h, w)``, D = C*h*w)::
+
+        h   = SiLU(conv3x3(SiLU(conv3x3(u_i)) + embedding(c)))          # hidden_channels maps of size (h, w)
+        mu  = u_i + head_mu(h)                                          # head_mu starts at zero: mu == u at init
+        d   = exp(clamp(head_logd(h), log_var_min, log_var_max))        # (D,)
+        P   = head_P(h)                                                 # (rank*C, h, w) viewed as (D, rank)
+        f_i ~ N(mu, P P^T + diag(d)),   f_i = mu + P eps_r + sqrt(d) * eps_D
+
+    The heads are 1x1 convs. ``head_P``'s channels are rank-major: channels ``k*C .. k*C + C-1`` form factor column
+    ``k``, flattened like the latents (channel, row, column). No D x D matrix is ever formed.
+
+    Variants:
+
+    * ``rank=0, diagonal=True``: a diagonal Gaussian. :meth:`distribution` then uses one fixed all-zero factor column
+      (``LowRankMultivariateNormal`` needs one), so the KL and log-density code is the same for every variant.
+    * ``rank>0, diagonal=False``: low-rank covariance plus a fixed, not learned, floor ``exp(log_var_min)`` on the
+      diagonal (``LowRankMultivariateNormal`` needs ``cov_diag > 0``).
+    * ``rank=0, diagonal=False``: deterministic (``sample`` returns ``mu``; :meth:`distribution` raises).
+
+    Heads a variant does not use are not created, so every parameter receives a gradient (as DDP requires).
+
+    Args:
+        init_codes: ``(num_slots, C, h, w)`` initial codes ``u``, copied; the network is built with their dtype and
+            device.
+        labels: ``(num_slots,)`` integer class ids, sorted by class, the same number (``ipc``) for every class.
+        num_classes: number of classes (size of the class embedding).
+        rank: number of covariance factor columns ``r`` (0 allowed, see above).
+        hidden_channels: channels of the network's two 3x3 convs.
+        diagonal: learn a per-element variance ``d``; otherwise ``d`` is the fixed floor ``exp(log_var_min)``.
+        log_var_min: lower clamp of ``log d`` (keeps the variance, and the capacitance matrix, well conditioned).
+        log_var_max: upper clamp of ``log d`` (stops the variance from exploding under a pure matching loss).
+        init_log_var: initial ``log d`` everywhere (bias of ``head_logd``; its weights start at zero).
+        factor_init_std: std of the normal initialisation of ``head_P``'s weights (its bias starts at zero).
+        class_prior: optional ``(means, variances)``, each ``(num_classes, C, h, w)``: a diagonal Gaussian per class
+            (e.g. of the generator's encodings of the real images) used by :meth:`kl_to_prior`. Kept as
+            non-persistent buffers: it summarises real images, so it stays out of the shared ``state_dict``.
+
+    Raises:
+        ValueError: when an argument is out of range or malformed (see messages).
+
+    Example::
+
+        slfd = SLFDistribution(generator.encode(images), labels, num_classes=9, rank=8)
+        latents, syn_labels = slfd.sample(2, antithetic=True)
+        images = generator.decode(latents)
+    """
+
+    prior_mean: Tensor | None
+    prior_var: Tensor | None
+
+    def __init__(
+        self,
+        init_codes: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        rank: int = 8,
+        hidden_channels: int = 32,
+        diagonal: bool = True,
+        log_var_min: float = -9.0,
+        log_var_max: float = 1.0,
+        init_log_var: float = -4.0,
+        factor_init_std: float = 0.02,
+        class_prior: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        super().__init__(init_codes, labels, num_classes)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"'rank' must be an int >= 0 (0 = no covariance factor), got {rank!r}")
+        if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels < 1:
+            raise ValueError(f"'hidden_channels' must be a positive int, got {hidden_channels!r}")
+        if not log_var_min < log_var_max:
+            raise ValueError(
+                f"'log_var_min' ({log_var_min}) must be smaller than 'log_var_max' ({log_var_max}); e.g. -9 and 1"
+            )
+        # outside the clamp range head_logd would get no gradient at all and never move
+        if not log_var_min <= init_log_var <= log_var_max:
+            raise ValueError(
+                f"'init_log_var' ({init_log_var}) must lie in [log_var_min, log_var_max] = [{log_var_min}, "
+                f"{log_var_max}]"
+            )
+        if not factor_init_std >= 0:
+            raise ValueError(f"'factor_init_std' must be >= 0, got {factor_init_std!r}")
+        self.rank = rank
+        self.hidden_channels = hidden_channels
+        self.diagonal = bool(diagonal)
+        self.log_var_min = float(log_var_min)
+        self.log_var_max = float(log_var_max)
+        self._deterministic = rank == 0 and not self.diagonal
+
+        channels = self.latent_shape[0]
+        factory = {"device": init_codes.device, "dtype": init_codes.dtype}
+        self.body_in = nn.Conv2d(channels, hidden_channels, 3, padding=1, **factory)
+        self.class_embedding = nn.Embedding(num_classes, hidden_channels, **factory)
+        self.body_out = nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1, **factory)
+        self.activation = nn.SiLU()
+        self.head_mu = nn.Conv2d(hidden_channels, channels, 1, **factory)
+        nn.init.zeros_(self.head_mu.weight)
+        nn.init.zeros_(self.head_mu.bias)
+        self.head_logd: nn.Conv2d | None = None
+        if self.diagonal:
+            self.head_logd = nn.Conv2d(hidden_channels, channels, 1, **factory)
+            nn.init.zeros_(self.head_logd.weight)
+            nn.init.constant_(self.head_logd.bias, init_log_var)
+        self.head_P: nn.Conv2d | None = None
+        if rank > 0:
+            self.head_P = nn.Conv2d(hidden_channels, channels * rank, 1, **factory)
+            nn.init.normal_(self.head_P.weight, 0.0, factor_init_std)
+            nn.init.zeros_(self.head_P.bias)
+
+        prior_mean, prior_var = self._check_prior(class_prior, init_codes) if class_prior is not None else (None, None)
+        self.register_buffer("prior_mean", prior_mean, persistent=False)
+        self.register_buffer("prior_var", prior_var, persistent=False)
+
+    def _check_prior(self, class_prior: tuple[Tensor, Tensor], init_codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate ``class_prior`` and return it as detached copies with the codes' dtype and device."""
+        expected = (self.num_classes, *self.latent_shape)
+        if not isinstance(class_prior, (tuple, list)) or len(class_prior) != 2:
+            raise ValueError(f"'class_prior' must be a pair (means, variances), got {type(class_prior).__name__}")
+        checked = []
+        for name, value in zip(("means", "variances"), class_prior):
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"'class_prior' {name} must have shape (num_classes, C, h, w) = {expected}, got {got}; "
+                    "compute one mean and variance per class over the encodings of its real images"
+                )
+            value = value.detach().to(device=init_codes.device, dtype=init_codes.dtype).clone()
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"'class_prior' {name} contain non-finite values")
+            checked.append(value)
+        if not bool((checked[1] > 0).all()):
+            raise ValueError(
+                f"'class_prior' variances must be > 0, got a minimum of {checked[1].min().item()}; "
+                "add a small floor, e.g. variances.clamp_min(1e-6)"
+            )
+        return checked[0], checked[1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rank={self.rank}, diagonal={self.diagonal}, "
+            f"log_var_range=({self.log_var_min}, {self.log_var_max}), class_prior={self.prior_mean is not None}"
+        )
+
+    def _features(self) -> Tensor:
+        hidden = self.activation(self.body_in(self.codes))
+        hidden = hidden + self.class_embedding(self.labels)[:, :, None, None]
+        return self.activation(self.body_out(hidden))
+
+    def mean(self) -> Tensor:
+        """``mu`` per slot, ``(num_slots, C, h, w)``, differentiable."""
+        return self.codes + self.head_mu(self._features())
+
+    def parameters_of_distribution(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The Gaussian of every slot over its flattened latent, D = C*h*w.
+
+        Returns:
+            ``mu`` ``(num_slots, D)``, ``cov_factor`` ``(num_slots, D, r)`` and ``cov_diag`` ``(num_slots, D)``, all
+            differentiable. With ``rank=0`` the factor is one all-zero column (``r=1``) when ``diagonal=True``, and
+            empty (``r=0``) with a zero diagonal in the deterministic case, so that ``P P^T + diag(d)`` is always the
+            covariance.
+        """
+        hidden = self._features()
+        num_slots = self.num_slots
+        mu = (self.codes + self.head_mu(hidden)).flatten(1)
+        if self._deterministic:
+            return mu, mu.new_zeros(num_slots, mu.shape[1], 0), torch.zeros_like(mu)
+        if self.head_logd is not None:
+            cov_diag = self.head_logd(hidden).clamp(self.log_var_min, self.log_var_max).exp().flatten(1)
+        else:
+            cov_diag = torch.full_like(mu, math.exp(self.log_var_min))
+        if self.head_P is not None:
+            cov_factor = self.head_P(hidden).view(num_slots, self.rank, -1).transpose(1, 2)
+        else:
+            cov_factor = mu.new_zeros(num_slots, mu.shape[1], 1)
+        return mu, cov_factor, cov_diag
+
+    def distribution(self) -> LowRankMultivariateNormal:
+        """The slots' Gaussians as one ``LowRankMultivariateNormal`` (batch ``num_slots``, event D), differentiable.
+
+        Raises:
+            RuntimeError: for the deterministic variant (``rank=0, diagonal=False``), which has no Gaussian.
+        """
+        if self._deterministic:
+            raise RuntimeError(
+                "SLFDistribution(rank=0, diagonal=False) is deterministic and has no Gaussian; use mean() or "
+                "sample(), or build it with rank > 0 or diagonal=True"
+            )
+        mu, cov_factor, cov_diag = self.parameters_of_distribution()
+        # cov_diag > 0 holds by construction; validation would only add a pass over every tensor
+        return LowRankMultivariateNormal(mu, cov_factor, cov_diag, validate_args=False)
+
+    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:
+        if self._deterministic:
+            mu = self.mean().flatten(1)
+            return mu.expand(n_per_slot, *mu.shape).reshape(n_per_slot, self.num_slots, *self.latent_shape)
+        if not antithetic:
+            return self.distribution().rsample((n_per_slot,)).view(n_per_slot, self.num_slots, *self.latent_shape)
+        # Antithetic pairs need the noise itself, which rsample does not expose: the same reparameterisation
+        # (mu + P eps_r + sqrt(d) eps_D, drawn in rsample's order) written out, with each draw used with both signs.
+        mu, cov_factor, cov_diag = self.parameters_of_distribution()
+        draws = n_per_slot // 2
+        factory = {"device": mu.device, "dtype": mu.dtype}
+        noise = mu.new_zeros(())
+        if self.head_P is not None:
+            eps_factor = torch.randn(draws, self.num_slots, self.rank, **factory)
+            noise = torch.einsum("bdr,nbr->nbd", cov_factor, eps_factor)
+        noise = noise + cov_diag.sqrt() * torch.randn(draws, *mu.shape, **factory)
+        return (mu + torch.cat([noise, -noise])).view(n_per_slot, self.num_slots, *self.latent_shape)
+
+    def kl_to_prior(self) -> Tensor:
+        """Mean over slots of ``KL(slot Gaussian || its class prior) / D``; 0 without a prior or when deterministic.
+
+        The deterministic variant has no Gaussian (a point mass has infinite KL), so it is not regularised.
+        """
+        if self.prior_mean is None or self._deterministic:
+            return self.codes.new_zeros(())
+        slots = self.distribution()
+        prior_mean = self.prior_mean[self.labels].flatten(1)
+        prior_var = self.prior_var[self.labels].flatten(1)
+        prior = LowRankMultivariateNormal(
+            prior_mean, prior_mean.new_zeros(*prior_mean.shape, 1), prior_var, validate_args=False
+        )
+        return kl_divergence(slots, prior).mean() / prior_mean.shape[1]
