@@ -1,0 +1,163 @@
+"""Build the parts of a distillation run from configuration values (what the bundles call)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from monai_pld.data import ImageSet
+from monai_pld.engines.generator import ensure_generator
+from monai_pld.matching import DistributionMatcher
+from monai_pld.networks.generators import LatentGenerator, PixelGenerator
+from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
+from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, resolve_device
+
+__all__ = [
+    "build_generator",
+    "select_initial_images",
+    "encode_images",
+    "class_latent_prior",
+    "build_parameterization",
+    "build_matcher",
+    "build_optimizer",
+]
+
+logger = logging.getLogger("monai_pld")
+
+
+def build_generator(
+    parameterization: str,
+    dataset: ImageSet,
+    generator_path: str | os.PathLike,
+    device: str | torch.device = "auto",
+    **pretrain_kwargs: Any,
+) -> LatentGenerator:
+    """The frozen generator for ``parameterization``: the identity for ``pixel``, else the pretrained autoencoder
+    (pretrained first when ``generator_path`` does not exist)."""
+    dev = resolve_device(device)
+    if parameterization == "pixel":
+        return PixelGenerator((dataset.channels, dataset.image_size, dataset.image_size)).to(dev).freeze()
+    generator = ensure_generator(generator_path, device=dev, **pretrain_kwargs)
+    if tuple(generator.image_shape) != (dataset.channels, dataset.image_size, dataset.image_size):
+        raise ConfigError(
+            f"generator {generator_path} makes images of shape {tuple(generator.image_shape)} but the data are "
+            f"{(dataset.channels, dataset.image_size, dataset.image_size)}; point 'generator_path' at a generator "
+            "for this dataset and image_size (or delete the file to pretrain one)"
+        )
+    return generator
+
+
+def select_initial_images(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` distinct random training images per class (seeded), class-sorted; as float ``[0, 1]`` and labels.
+
+    Classes with fewer than ``ipc`` images repeat images (with a warning), so every class gets ``ipc`` slots.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for c, index in enumerate(dataset.class_indices()):
+        if len(index) == 0:
+            raise ValueError(f"class {c} ({dataset.class_names[c]}) has no training images; cannot initialise it")
+        if len(index) < ipc:
+            logger.warning(f"class {c} has {len(index)} images < ipc {ipc}: some initial images repeat")
+            pick = index[torch.randint(len(index), (ipc,), generator=gen)]
+        else:
+            pick = index[torch.randperm(len(index), generator=gen)[:ipc]]
+        chosen.append(pick)
+    order = torch.cat(chosen)
+    labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
+    return dataset.float_images(order), labels
+
+
+@torch.no_grad()
+def encode_images(generator: LatentGenerator, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Encode float images in batches on the generator's device; returns latents on the CPU."""
+    device = next(iter(generator.parameters()), torch.empty(0)).device
+    return torch.cat([generator.encode(x.to(device)).cpu() for x in images.split(batch_size)])
+
+
+@torch.no_grad()
+def class_latent_prior(
+    generator: LatentGenerator, dataset: ImageSet, max_per_class: int = 256, seed: int = 0, min_var: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean and (floored) variance of the encodings of up to ``max_per_class`` training images."""
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    means, variances = [], []
+    for index in dataset.class_indices():
+        pick = index[torch.randperm(len(index), generator=gen)[:max_per_class]]
+        z = encode_images(generator, dataset.float_images(pick))
+        means.append(z.mean(0))
+        variances.append(z.var(0, unbiased=len(pick) > 1).clamp_min(min_var) if len(pick) > 1 else torch.ones_like(z[0]))
+    return torch.stack(means), torch.stack(variances)
+
+
+def build_parameterization(
+    kind: str,
+    generator: LatentGenerator,
+    dataset: ImageSet,
+    ipc: int,
+    rank: int = 8,
+    seed: int = 0,
+    hidden_channels: int = 32,
+    kl_weight: float = 0.0,
+    init: str = "real",
+    **slfd_kwargs: Any,
+) -> torch.nn.Module:
+    """The learnable parameterisation of the synthetic set.
+
+    Args:
+        kind: ``slfd`` (probabilistic latents), ``latent`` (deterministic codes, GLaD-style) or ``pixel``.
+        generator: the frozen generator (identity for ``pixel``).
+        dataset: the real training split (initialisation and, with ``kl_weight > 0``, the class prior).
+        ipc: slots per class.
+        rank: rank of the covariance factor (``slfd`` only).
+        seed: which real images initialise the slots.
+        hidden_channels: width of the lightweight network (``slfd`` only).
+        kl_weight: when > 0, the class prior is estimated for the KL term.
+        init: ``real`` (encode random real images of the class) or ``noise`` (standard normal latents; the only
+            choice for generators without an encoder).
+        slfd_kwargs: further ``SLFDistribution`` arguments (``log_var_min``, ``init_log_var``...).
+    """
+    if kind not in PARAMETERIZATIONS:
+        raise ConfigError(f"'parameterization' must be one of {list(PARAMETERIZATIONS)}, got {kind!r}")
+    if init not in ("real", "noise"):
+        raise ConfigError(f"'init' must be 'real' or 'noise', got {init!r}")
+    images, labels = select_initial_images(dataset, ipc, seed)
+    if init == "real" and generator.has_encoder:
+        codes = encode_images(generator, images)
+    else:
+        codes = torch.randn((len(labels), *generator.latent_shape), generator=torch.Generator().manual_seed(seed))
+    hyper: dict[str, Any] = {"kind": kind, "ipc": int(ipc), "init": init, "seed": int(seed)}
+    if kind in ("latent", "pixel"):
+        param: torch.nn.Module = LatentCodes(codes, labels, dataset.num_classes)
+    else:
+        prior = class_latent_prior(generator, dataset, seed=seed) if kl_weight > 0 else None
+        param = SLFDistribution(
+            codes, labels, dataset.num_classes, rank=rank, hidden_channels=hidden_channels, class_prior=prior,
+            **slfd_kwargs,
+        )
+        hyper.update({"rank": int(rank), "hidden_channels": int(hidden_channels), **slfd_kwargs})
+    param.hyper_parameters = hyper
+    return param
+
+
+def build_matcher(name: str, dataset: ImageSet, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
+    """The matcher ``name`` for images shaped like ``dataset``, normalising with the dataset's channel statistics."""
+    if name not in MATCHERS:
+        raise ConfigError(f"'matcher' must be one of {list(MATCHERS)}, got {name!r}")
+    mean, std = dataset.channel_stats()
+    return DistributionMatcher(
+        dataset.channels, dataset.num_classes, dataset.image_size, mean=mean, std=std, seed=seed, **kwargs
+    )
+
+
+def build_optimizer(parameterization: torch.nn.Module, lr_codes: float = 0.01, lr_network: float = 0.001):
+    """Adam with one group for the slot codes and one for the lightweight network (if any)."""
+    codes = [p for n, p in parameterization.named_parameters() if n == "codes"]
+    network = [p for n, p in parameterization.named_parameters() if n != "codes"]
+    groups = [{"params": codes, "lr": lr_codes, "name": "codes"}]
+    if network:
+        groups.append({"params": network, "lr": lr_network, "name": "network"})
+    return torch.optim.Adam(groups)

@@ -1,0 +1,145 @@
+"""The distillation engine: a MONAI ``Trainer`` whose every iteration is one matching step.
+
+One iteration draws ``samples_per_slot`` latents per slot from the parameterisation (reparameterised, so gradients
+flow), renders them through the frozen generator, compares them with a class-balanced real batch using the matcher,
+adds the optional KL term, and takes one optimiser step on the slots and the lightweight network.
+
+Every random choice inside an iteration (latent noise, the matcher's random networks and augmentations) is drawn
+from a seed derived from ``(seed, iteration)`` inside ``torch.random.fork_rng``; the real batches come from a
+position-seeded sampler. A run resumed from a checkpoint therefore continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.handlers import CheckpointSaver
+
+from monai_pld.handlers.resume import ResumeFromCheckpoint
+from monai_pld.utils import derive_seed
+
+__all__ = ["DistillationTrainer"]
+
+
+class DistillationTrainer(Trainer):
+    """Distil a dataset into a latent parameterisation by matching rendered synthetic images to real batches.
+
+    ``max_epochs`` is the number of iterations: every epoch is one iteration (``epoch_length=1``), so MONAI's
+    ``train#trainer#max_epochs`` id, ignite's resume logic and MLflow's epoch logging all count matching steps.
+
+    Args:
+        device: where to compute.
+        max_epochs: number of distillation iterations.
+        train_data_loader: infinite iterable of ``{"image", "label"}`` real batches (e.g. ``ClassBalancedBatches``).
+        parameterization: ``SLFDistribution`` or ``LatentCodes`` (anything with ``sample`` and ``kl_to_prior``).
+        generator: frozen generator with ``decode``.
+        matcher: object with ``loss(syn_images, syn_labels, real_images, real_labels, step)``.
+        optimizer: optimiser over the parameterisation's parameters.
+        samples_per_slot: latents drawn per slot and iteration (S).
+        antithetic: draw S/2 noise vectors and use each with both signs.
+        kl_weight: weight ``beta`` of the KL of each slot's Gaussian to its class prior (0 disables).
+        seed: base of the per-iteration seeds.
+        checkpoint_dir: when given, MONAI ``CheckpointSaver`` writes the whole training state there every
+            ``checkpoint_interval`` iterations, at the end and when an exception (including Ctrl-C) stops the run.
+        checkpoint_interval: iterations between checkpoints (only the newest periodic one is kept).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (same results as an uninterrupted run).
+        train_handlers: ignite/MONAI handlers, attached after the engine is complete.
+
+    Example::
+
+        trainer = DistillationTrainer("cpu", 100, batches, slfd, generator, DistributionMatcher(3, 9, 28), opt)
+        trainer.run()
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        parameterization: torch.nn.Module,
+        generator: torch.nn.Module,
+        matcher: Any,
+        optimizer: torch.optim.Optimizer,
+        samples_per_slot: int = 1,
+        antithetic: bool = False,
+        kl_weight: float = 0.0,
+        seed: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_interval: int = 50,
+        resume: bool = False,
+        train_handlers: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=1, decollate=False
+        )
+        # An epoch is one iteration here, so ignite's per-epoch INFO line would repeat every step; ProgressLogger
+        # reports progress instead.
+        self.logger.setLevel(logging.WARNING)
+        self.parameterization = parameterization.to(device)
+        self.generator = generator.to(device)
+        self.matcher = matcher.to(device) if isinstance(matcher, torch.nn.Module) else matcher
+        self.optimizer = optimizer
+        self.samples_per_slot = int(samples_per_slot)
+        self.antithetic = bool(antithetic)
+        self.kl_weight = float(kl_weight)
+        self.seed = int(seed)
+        handlers = list(train_handlers)
+        if checkpoint_dir is not None:
+            # The trainer builds these itself because they must hold the trainer: a config that gave them the
+            # trainer while also giving the trainer its handlers would be circular.
+            state = self.checkpoint_objects()
+            handlers = [
+                ResumeFromCheckpoint(checkpoint_dir, state, enabled=resume, map_location=device),
+                *handlers,
+                CheckpointSaver(
+                    save_dir=str(checkpoint_dir),
+                    save_dict=state,
+                    save_final=True,
+                    save_interval=int(checkpoint_interval),
+                    n_saved=1,
+                ),
+            ]
+        self._register_handlers(handlers)
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """Everything a resumed run needs: engine counters, the parameterisation, optimiser moments and the
+        position of the real-batch stream (when the loader can report it)."""
+        state: dict[str, Any] = {
+            "trainer": self,
+            "parameterization": self.parameterization,
+            "optimizer": self.optimizer,
+        }
+        if callable(getattr(self.data_loader, "state_dict", None)):
+            state["data_loader"] = self.data_loader
+        return state
+
+    def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+        device = engine.state.device
+        real_images = batchdata["image"].to(device, non_blocking=True)
+        real_labels = batchdata["label"].to(device, non_blocking=True)
+        step = engine.state.iteration
+        cuda_devices = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(derive_seed(engine.seed, step))
+            latents, syn_labels = engine.parameterization.sample(engine.samples_per_slot, antithetic=engine.antithetic)
+            syn_images = engine.generator.decode(latents)
+            match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
+            loss = match_loss
+            kl = torch.zeros((), device=device)
+            if engine.kl_weight > 0:
+                kl = engine.parameterization.kl_to_prior()
+                loss = match_loss + engine.kl_weight * kl
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"distillation loss became {loss.item()} at iteration {step}; lower 'lr_codes'/'lr_network' "
+                    "or resume from the last checkpoint with a smaller learning rate"
+                )
+            engine.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            engine.optimizer.step()
+        return {"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item()}

@@ -1,0 +1,19 @@
+"""Ignite/MONAI handlers: progress lines, image grids, distilled-set export, resume."""
+
+from .export import DistilledSetExporter, export_distilled_set
+from .image_grid import SyntheticImageGrid, image_grid, save_png
+from .progress import ProgressLogger, format_duration
+from .resume import CheckpointError, ResumeFromCheckpoint, latest_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "DistilledSetExporter",
+    "ProgressLogger",
+    "ResumeFromCheckpoint",
+    "SyntheticImageGrid",
+    "export_distilled_set",
+    "format_duration",
+    "image_grid",
+    "latest_checkpoint",
+    "save_png",
+]

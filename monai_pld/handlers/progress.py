@@ -1,0 +1,81 @@
+"""Periodic progress lines (iteration, losses, seconds per iteration, ETA) for long runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from ignite.engine import Engine, Events
+
+
+__all__ = ["ProgressLogger", "format_duration"]
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.2`` -> ``'1h02m05s'``; short durations keep one decimal (``'4.2s'``)."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+class ProgressLogger:
+    """Log ``iteration i/N``, the scalar outputs, s/it and the ETA every ``interval`` iterations.
+
+    MONAI's ``StatsHandler`` prints losses but no throughput or remaining time, which is what a user watching a
+    half-hour CPU run needs. The rate is measured since the run (or the resumed part of it) started.
+
+    Args:
+        interval: iterations between lines; the last iteration is always logged.
+        name: logger name (the bundle's ``logging.conf`` prints ``INFO`` of every logger).
+        prefix: word at the start of each line, e.g. ``distillation`` or ``generator``.
+    """
+
+    def __init__(self, interval: int = 50, name: str = "monai_pld", prefix: str = "iteration") -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.interval = interval
+        self.logger = logging.getLogger(name)
+        self.prefix = prefix
+        self._start_time = 0.0
+        self._start_iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        self._start_time = time.perf_counter()
+        self._start_iteration = engine.state.iteration
+        total = self._total(engine)
+        if self._start_iteration:
+            self.logger.info(f"{self.prefix}: resuming at {self._start_iteration}/{total}")
+        else:
+            self.logger.info(f"{self.prefix}: starting, {total} iterations")
+
+    def iteration_completed(self, engine: Engine) -> None:
+        it, total = engine.state.iteration, self._total(engine)
+        if it % self.interval and it != total:
+            return
+        done = it - self._start_iteration
+        rate = (time.perf_counter() - self._start_time) / max(done, 1)
+        values = ""
+        if isinstance(engine.state.output, Mapping):
+            values = " ".join(
+                f"{k} {float(v):.4g}" for k, v in engine.state.output.items() if isinstance(v, (int, float))
+            )
+        self.logger.info(
+            f"{self.prefix} {it}/{total} {values} | {rate:.3f} s/it | ETA {format_duration(rate * (total - it))}"
+        )
+        engine.state.seconds_per_iteration = rate
+
+    def completed(self, engine: Engine) -> None:
+        elapsed = time.perf_counter() - self._start_time
+        self.logger.info(f"{self.prefix}: finished {engine.state.iteration} iterations in {format_duration(elapsed)}")
+
+    @staticmethod
+    def _total(engine: Engine) -> int:
+        return int(engine.state.max_epochs or 0) * int(engine.state.epoch_length or 0)

@@ -1,0 +1,92 @@
+"""Resume from the newest checkpoint of a run folder, with a clear error for an unusable file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.handlers import CheckpointLoader
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["ResumeFromCheckpoint", "latest_checkpoint", "CheckpointError"]
+
+_NUMBER = re.compile(r"=(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for cannot be used."""
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest iteration number in ``checkpoint_dir`` (``None`` if there is none).
+
+    ``CheckpointSaver`` names files ``..._epoch=N.pt`` during a run and ``..._final_iteration=N.pt`` at the end or
+    on an exception; with one iteration per epoch both numbers count iterations. A final file wins a tie.
+    """
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.glob("*.pt"):
+        match = _NUMBER.search(path.name)
+        if match:
+            found.append((int(match.group(1)), "final" in path.name, path))
+    return max(found)[2] if found else None
+
+
+class ResumeFromCheckpoint:
+    """Load the newest checkpoint of ``checkpoint_dir`` into ``load_dict`` when the engine starts.
+
+    A thin layer over MONAI's ``CheckpointLoader`` that finds the file and checks it first, so a corrupted or
+    truncated checkpoint gives a message naming the file and the fix instead of a pickle traceback.
+
+    Args:
+        checkpoint_dir: the run's ``checkpoints`` folder.
+        load_dict: objects to restore, as given to ``CheckpointSaver``.
+        enabled: ``False`` makes the handler do nothing (the bundle's ``resume`` key).
+        map_location: device for loaded tensors.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        load_dict: dict[str, Any],
+        enabled: bool = True,
+        map_location: str | torch.device | None = None,
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.load_dict = load_dict
+        self.enabled = enabled
+        self.map_location = map_location
+        self.logger = logging.getLogger("monai_pld")
+        self.loaded_path: Path | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            self.logger.warning(f"resume requested but {self.checkpoint_dir} holds no checkpoint: starting anew")
+            return
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is corrupted or truncated. "
+                "Delete it to resume from the previous one, or run with --resume false to start anew."
+            ) from e
+        missing = sorted(set(self.load_dict) - set(checkpoint) if isinstance(checkpoint, dict) else self.load_dict)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} lacks {missing}; it was written by a different configuration. "
+                "Use the same configuration to resume, or run with --resume false."
+            )
+        self.loaded_path = path
+        self.logger.info(f"resuming from {path}")
+        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)

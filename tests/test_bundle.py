@@ -1,0 +1,117 @@
+"""The PathMNIST bundle end to end on a tiny synthetic npz: a real `python -m monai.bundle run` subprocess, the
+outputs of a run, MLflow records in a temporary sqlite store, resume after an interruption, and bad values."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "bundles" / "pathmnist" / "train.yaml"
+
+
+def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout=600):
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config),
+           "--dataset_dir", str(data_dir), "--generator_dir", str(tmp_path / "generators"),
+           "--tracking_uri", f"sqlite:///{tmp_path / 'mlruns.db'}", "--device", "cpu", *map(str, overrides)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bundle failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+TINY = ["--iterations", 4, "--ipc", 2, "--batch_real_per_class", 4, "--generator_epochs", 1,
+        "--log_interval", 2, "--grid_interval", 2, "--checkpoint_interval", 2]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from conftest import write_medmnist_npz
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    data = tmp / "data"
+    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 90, "val": 18, "test": 18})
+    out = tmp / "run"
+    proc = run_bundle(tmp, data, *TINY, "--output_dir", out, "--run_name", "tiny")
+    return tmp, data, out, proc
+
+
+def test_outputs_of_a_run(finished_run):
+    tmp, _, out, proc = finished_run
+    assert "distillation 4/4" in proc.stdout and "s/it" in proc.stdout and "ETA" in proc.stdout
+    assert (tmp / "generators" / "pathmnist_28px_autoencoderkl.pt").is_file()
+    with np.load(out / "distilled" / "images.npz", allow_pickle=False) as npz:
+        images, labels, names = npz["images"], npz["labels"], npz["class_names"]
+    assert images.shape == (18, 28, 28, 3) and images.dtype == np.uint8
+    assert np.array_equal(labels, np.repeat(np.arange(9), 2)) and len(names) == 9
+    dist = torch.load(out / "distilled" / "distribution.pt", weights_only=True)
+    assert dist["parameterization"] == "SLFDistribution" and dist["ipc"] == 2
+    manifest = json.loads((out / "distilled" / "manifest.json").read_text())
+    for name, record in manifest["files"].items():
+        assert hashlib.sha256((out / "distilled" / name).read_bytes()).hexdigest() == record["sha256"]
+    gen_file = tmp / "generators" / "pathmnist_28px_autoencoderkl.pt"
+    assert manifest["generator"]["sha256"] == hashlib.sha256(gen_file.read_bytes()).hexdigest()
+    assert manifest["config"]["matcher"] == "dm" and manifest["config"]["rank"] == 8 and manifest["ipc"] == 2
+    assert manifest["iterations"] == 4 and "torch" in manifest["versions"]
+    assert sorted(p.name for p in (out / "grids").glob("*.png")) == ["iter_000002.png", "iter_000004.png"]
+    assert any("final" in p.name for p in (out / "checkpoints").glob("*.pt"))
+
+
+def test_mlflow_records(finished_run):
+    tmp = finished_run[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("monai_pld")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"tiny", "pretrain_pathmnist_28px"} <= set(runs)
+    run = runs["tiny"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["ipc"] == "2" and run.data.params["parameterization"] == "slfd"
+    assert {"loss", "match_loss", "kl"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"grids", "distilled"} <= artifacts
+    distilled = {a.path for a in client.list_artifacts(run.info.run_id, "distilled")}
+    assert {"distilled/images.npz", "distilled/distribution.pt", "distilled/manifest.json"} <= distilled
+    pre = runs["pretrain_pathmnist_28px"]
+    assert "val_mae" in pre.data.metrics
+
+
+def test_resume_continues_an_interrupted_run(finished_run):
+    tmp, data, _, _ = finished_run
+    # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true".
+    part = tmp / "part"
+    run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 2, "--run_name", "part")
+    resumed = run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 4, "--resume", "true",
+                         "--run_name", "part")
+    assert "resuming from" in resumed.stdout and "resuming at 2/4" in resumed.stdout
+    whole = tmp / "whole"
+    run_bundle(tmp, data, *TINY, "--output_dir", whole, "--run_name", "whole")
+    a = torch.load(part / "distilled" / "distribution.pt", weights_only=True)["state_dict"]
+    b = torch.load(whole / "distilled" / "distribution.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((part / "distilled" / "manifest.json").read_text())["iterations"] == 4
+
+
+@pytest.mark.parametrize("key,value", [("ipc", 0), ("matcher", "nonsense"), ("rank", -1)])
+def test_bad_values_fail_before_any_work(tmp_path, key, value):
+    proc = run_bundle(tmp_path, tmp_path / "no-data", f"--{key}", value, "--output_dir", tmp_path / "out",
+                      check=False, timeout=120)
+    assert proc.returncode != 0
+    assert f"'{key}'" in proc.stderr
+    assert not (tmp_path / "generators").exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_data_offline_names_folder_and_file(tmp_path):
+    proc = run_bundle(tmp_path, tmp_path / "empty", "--output_dir", tmp_path / "out", check=False, timeout=180)
+    assert proc.returncode != 0
+    assert "pathmnist.npz" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+    assert "dataset_dir" in proc.stderr

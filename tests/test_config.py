@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from monai_pld.utils import ConfigError, as_bool, atomic_save_json, check_distillation_config, derive_seed, resolve_device
+
+GOOD = dict(ipc=10, iterations=5, matcher="dm", parameterization="slfd", rank=8, image_size=28)
+
+
+def test_good_config_is_normalised():
+    out = check_distillation_config(**GOOD, resume="true", download="False", device="cpu")
+    assert out == {"resume": True, "download": False, "antithetic": False, "device": "cpu"}
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("ipc", 0),
+        ("ipc", 2.5),
+        ("iterations", -1),
+        ("matcher", "xyz"),
+        ("parameterization", "voxels"),
+        ("rank", -1),
+        ("image_size", 30),
+        ("seed", -3),
+        ("samples_per_slot", 0),
+        ("kl_weight", -0.1),
+        ("lr_codes", 0),
+        ("lr_network", float("nan")),
+        ("resume", "maybe"),
+        ("device", "tpu"),
+    ],
+)
+def test_bad_value_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        check_distillation_config(**{**GOOD, key: value})
+
+
+def test_antithetic_needs_even_samples():
+    with pytest.raises(ConfigError, match="samples_per_slot"):
+        check_distillation_config(**GOOD, antithetic=True, samples_per_slot=3)
+
+
+def test_cuda_requested_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_as_bool():
+    assert as_bool("yes", "k") is True and as_bool(0, "k") is False
+    with pytest.raises(ConfigError, match="'k'"):
+        as_bool(2, "k")
+
+
+def test_derive_seed_stable_and_distinct():
+    assert derive_seed(0, 5) == derive_seed(0, 5)
+    assert len({derive_seed(0, i) for i in range(100)} | {derive_seed(1, 0)}) == 101
+    assert 0 <= derive_seed(7, 1) < 2**63
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = atomic_save_json({"a": 1}, tmp_path / "m.json")
+    with pytest.raises(TypeError):
+        atomic_save_json({"a": object()}, path)
+    assert path.read_text().strip().startswith("{") and '"a": 1' in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind

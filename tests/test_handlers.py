@@ -1,0 +1,91 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+
+from monai_pld.handlers import (
+    CheckpointError,
+    ProgressLogger,
+    ResumeFromCheckpoint,
+    format_duration,
+    image_grid,
+    latest_checkpoint,
+    save_png,
+)
+
+
+def test_format_duration():
+    assert format_duration(4.24) == "4.2s"
+    assert format_duration(125) == "2m05s"
+    assert format_duration(3725) == "1h02m05s"
+
+
+def test_progress_logger_lines(caplog):
+    engine = Engine(lambda e, b: {"loss": 1.5})
+    ProgressLogger(interval=2, name="progress_test", prefix="distillation").attach(engine)
+    with caplog.at_level(logging.INFO, logger="progress_test"):
+        engine.run([0] * 5, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [line for line in lines if line.startswith("distillation ") and "s/it" in line]
+    assert [s.split()[1] for s in steps] == ["2/5", "4/5", "5/5"]  # every interval and the last iteration
+    assert "loss 1.5" in steps[0] and "ETA" in steps[0]
+    assert engine.state.seconds_per_iteration >= 0
+
+
+def test_latest_checkpoint_prefers_highest_iteration_then_final(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") is None
+    for name in ["checkpoint_epoch=50.pt", "checkpoint_epoch=100.pt", "checkpoint_final_iteration=100.pt", "x.txt"]:
+        (tmp_path / name).write_bytes(b"0")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_final_iteration=100.pt"
+    (tmp_path / "checkpoint_epoch=150.pt").write_bytes(b"0")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=150.pt"
+
+
+def test_resume_rejects_corrupted_checkpoint(tmp_path):
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(b"not a checkpoint")
+    handler = ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(1, 1)})
+    with pytest.raises(CheckpointError, match=r"checkpoint_epoch=3.pt cannot be read.*--resume false"):
+        handler.attach(Engine(lambda e, b: None))
+
+
+def test_resume_rejects_checkpoint_of_other_configuration(tmp_path):
+    torch.save({"model": torch.nn.Linear(1, 1).state_dict()}, tmp_path / "checkpoint_epoch=3.pt")
+    handler = ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(1, 1), "optimizer": torch.nn.Linear(1, 1)})
+    with pytest.raises(CheckpointError, match="lacks"):
+        handler.attach(Engine(lambda e, b: None))
+
+
+def test_resume_restores_state(tmp_path):
+    source = torch.nn.Linear(2, 2)
+    torch.save({"model": source.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
+    target = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, b: None)
+    ResumeFromCheckpoint(tmp_path, {"model": target}).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert torch.equal(target.weight, source.weight)
+
+
+def test_resume_disabled_or_empty_does_nothing(tmp_path, caplog):
+    target = torch.nn.Linear(2, 2)
+    before = target.weight.clone()
+    engine = Engine(lambda e, b: None)
+    ResumeFromCheckpoint(tmp_path, {"model": target}, enabled=True).attach(engine)  # empty folder: warns
+    engine.run([0], max_epochs=1)
+    assert torch.equal(target.weight, before)
+    assert "holds no checkpoint" in caplog.text
+
+
+def test_image_grid_rows_are_classes(tmp_path):
+    images = torch.zeros(6, 3, 4, 4)
+    labels = torch.tensor([1, 0, 1, 0, 1, 0])
+    images[labels == 1] = 1.0  # class 1 white, class 0 black
+    grid = image_grid(images, labels, padding=0)
+    assert grid.shape == (8, 12, 3) and grid.dtype == np.uint8
+    assert (grid[:4] == 0).all() and (grid[4:] == 255).all()  # row 0 = class 0, row 1 = class 1
+    path = save_png(grid, tmp_path / "g.png", upscale=2)
+    from PIL import Image
+
+    with Image.open(path) as png:
+        assert png.size == (24, 16)
