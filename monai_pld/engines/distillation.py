@@ -126,7 +126,15 @@ class DistillationTrainer(Trainer):
         cuda_devices = [device] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(derive_seed(engine.seed, step))
-            latents, syn_labels = engine.parameterization.sample(engine.samples_per_slot, antithetic=engine.antithetic)
+            try:
+                latents, syn_labels = engine.parameterization.sample(
+                    engine.samples_per_slot, antithetic=engine.antithetic
+                )
+            except torch.linalg.LinAlgError as e:  # the covariance of a slot stopped being positive definite
+                raise FloatingPointError(
+                    f"the latent distribution became degenerate at iteration {step} ({str(e).splitlines()[0]}); "
+                    "lower 'lr_codes'/'lr_network' or resume from the last checkpoint with a smaller learning rate"
+                ) from e
             syn_images = engine.generator.decode(latents)
             match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
             loss = match_loss
