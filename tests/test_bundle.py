@@ -115,3 +115,19 @@ def test_missing_data_offline_names_folder_and_file(tmp_path):
     assert proc.returncode != 0
     assert "pathmnist.npz" in proc.stderr and str(tmp_path / "empty") in proc.stderr
     assert "dataset_dir" in proc.stderr
+
+
+def test_real_retinamnist_by_override(tmp_path):
+    from conftest import shared_data_dir
+
+    folder = shared_data_dir()
+    if folder is None or not (folder / "retinamnist.npz").is_file():
+        pytest.skip("retinamnist.npz not available (set MONAI_PLD_DATA)")
+    out = tmp_path / "retina"
+    run_bundle(tmp_path, folder, *TINY, "--dataset_flag", "retinamnist", "--download", "false",
+               "--generator_max_train_images", 256, "--output_dir", out)
+    with np.load(out / "distilled" / "images.npz", allow_pickle=False) as npz:
+        assert npz["images"].shape == (10, 28, 28, 3)
+        assert list(npz["class_names"]) == ["0", "1", "2", "3", "4"]
+    manifest = json.loads((out / "distilled" / "manifest.json").read_text())
+    assert manifest["dataset"]["flag"] == "retinamnist" and manifest["dataset"]["train_images"] == 1080
