@@ -56,14 +56,18 @@ def main() -> None:
             steps[name].append(step_seconds(gen, opt, x))
             decodes[name].append(decode_seconds(gen))
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print("| AutoencoderKL channels | params | train step, batch 128 (ms) | min per PathMNIST epoch | "
-          "decode 90 latents + backward (ms) |")
+    print(
+        "| AutoencoderKL channels | params | train step, batch 128 (ms) | min per PathMNIST epoch | "
+        "decode 90 latents + backward (ms) |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for name, (gen, _) in models.items():
         step = statistics.median(steps[name])
         params = sum(p.numel() for p in gen.parameters())
-        print(f"| {name} | {params / 1e6:.2f} M | {1000 * step:.0f} | {89996 / 128 * step / 60:.1f} | "
-              f"{1000 * statistics.median(decodes[name]):.0f} |")
+        print(
+            f"| {name} | {params / 1e6:.2f} M | {1000 * step:.0f} | {89996 / 128 * step / 60:.1f} | "
+            f"{1000 * statistics.median(decodes[name]):.0f} |"
+        )
 
 
 if __name__ == "__main__":

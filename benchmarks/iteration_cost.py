@@ -41,8 +41,15 @@ def make_trainer(spec: dict, data: ImageSet, generator, ipc: int, batch_real: in
     kwargs = {k: v for k, v in spec.items() if k in ("rank", "diagonal")}
     param = build_parameterization(spec["kind"], generator, data, ipc, **kwargs)
     return DistillationTrainer(
-        "cpu", iters, ClassBalancedBatches(data, batch_real), param, generator, build_matcher("dm", data),
-        build_optimizer(param), samples_per_slot=spec.get("samples", 1), antithetic=spec.get("antithetic", False),
+        "cpu",
+        iters,
+        ClassBalancedBatches(data, batch_real),
+        param,
+        generator,
+        build_matcher("dm", data),
+        build_optimizer(param),
+        samples_per_slot=spec.get("samples", 1),
+        antithetic=spec.get("antithetic", False),
     )
 
 
@@ -70,9 +77,11 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) / args.iters)
     base = statistics.median(times["latent (deterministic codes)"])
     det = statistics.median(times["slfd rank 0, no diagonal (deterministic)"])
-    print(f"date {datetime.date.today()}, torch {torch.__version__}, {args.threads} threads, {platform.machine()}, "
-          f"{args.classes} classes x ipc {args.ipc}, {args.batch_real} real/class, {args.image_size} px, "
-          f"{args.rounds} rounds x {args.iters} iterations")
+    print(
+        f"date {datetime.date.today()}, torch {torch.__version__}, {args.threads} threads, {platform.machine()}, "
+        f"{args.classes} classes x ipc {args.ipc}, {args.batch_real} real/class, {args.image_size} px, "
+        f"{args.rounds} rounds x {args.iters} iterations"
+    )
     print("| parameterisation | s/it (median) | ratio to latent | ratio to slfd rank 0 |")
     print("| --- | --- | --- | --- |")
     for name in VARIANTS:

@@ -157,6 +157,7 @@ class DiffSiameseAugment:
 
     def _rotate(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
-        theta = torch.stack([torch.stack([cos, sin, torch.zeros_like(cos)], 1),
-                             torch.stack([-sin, cos, torch.zeros_like(cos)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, sin, torch.zeros_like(cos)], 1), torch.stack([-sin, cos, torch.zeros_like(cos)], 1)], 1
+        )
         return self._affine(x, theta)

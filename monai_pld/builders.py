@@ -23,6 +23,7 @@ __all__ = [
     "build_parameterization",
     "build_matcher",
     "build_optimizer",
+    "load_distribution",
 ]
 
 logger = logging.getLogger("monai_pld")
@@ -89,7 +90,9 @@ def class_latent_prior(
         pick = index[torch.randperm(len(index), generator=gen)[:max_per_class]]
         z = encode_images(generator, dataset.float_images(pick))
         means.append(z.mean(0))
-        variances.append(z.var(0, unbiased=len(pick) > 1).clamp_min(min_var) if len(pick) > 1 else torch.ones_like(z[0]))
+        variances.append(
+            z.var(0, unbiased=len(pick) > 1).clamp_min(min_var) if len(pick) > 1 else torch.ones_like(z[0])
+        )
     return torch.stack(means), torch.stack(variances)
 
 
@@ -135,7 +138,12 @@ def build_parameterization(
     else:
         prior = class_latent_prior(generator, dataset, seed=seed) if kl_weight > 0 else None
         param = SLFDistribution(
-            codes, labels, dataset.num_classes, rank=rank, hidden_channels=hidden_channels, class_prior=prior,
+            codes,
+            labels,
+            dataset.num_classes,
+            rank=rank,
+            hidden_channels=hidden_channels,
+            class_prior=prior,
             **slfd_kwargs,
         )
         hyper.update({"rank": int(rank), "hidden_channels": int(hidden_channels), **slfd_kwargs})
@@ -161,3 +169,35 @@ def build_optimizer(parameterization: torch.nn.Module, lr_codes: float = 0.01, l
     if network:
         groups.append({"params": network, "lr": lr_network, "name": "network"})
     return torch.optim.Adam(groups)
+
+
+def load_distribution(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the parameterisation saved in a ``distribution.pt`` (safe load: ``weights_only=True``).
+
+    Render it with the generator recorded in the manifest: ``load_distribution(p).render(generator, "sample")``.
+
+    Raises:
+        ValueError: naming the file when it is unreadable or not a distilled distribution of a known kind.
+    """
+    from monai_pld.handlers.export import DISTILLED_FORMAT
+
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a distilled distribution ({type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("format") != DISTILLED_FORMAT or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a monai_pld distribution.pt (format {DISTILLED_FORMAT})")
+    hyper = dict(payload.get("hyper_parameters") or {})
+    state = payload["state_dict"]
+    kind = hyper.pop("kind", None)
+    codes, labels, num_classes = state["codes"], state["labels"], int(payload["num_classes"])
+    if kind in ("latent", "pixel"):
+        param: torch.nn.Module = LatentCodes(codes, labels, num_classes)
+    elif kind == "slfd":
+        slfd_kwargs = {k: v for k, v in hyper.items() if k not in ("ipc", "init", "seed")}
+        param = SLFDistribution(codes, labels, num_classes, **slfd_kwargs)
+    else:
+        raise ValueError(f"{path}: unknown parameterisation kind {kind!r}")
+    param.load_state_dict(state)
+    param.hyper_parameters = {"kind": kind, **hyper}
+    return param

@@ -240,4 +240,3 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
-

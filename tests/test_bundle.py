@@ -19,17 +19,45 @@ TRAIN = REPO / "bundles" / "pathmnist" / "train.yaml"
 
 def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout=600):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config),
-           "--dataset_dir", str(data_dir), "--generator_dir", str(tmp_path / "generators"),
-           "--tracking_uri", f"sqlite:///{tmp_path / 'mlruns.db'}", "--device", "cpu", *map(str, overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(config),
+        "--dataset_dir",
+        str(data_dir),
+        "--generator_dir",
+        str(tmp_path / "generators"),
+        "--tracking_uri",
+        f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "--device",
+        "cpu",
+        *map(str, overrides),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-TINY = ["--iterations", 4, "--ipc", 2, "--batch_real_per_class", 4, "--generator_epochs", 1,
-        "--log_interval", 2, "--grid_interval", 2, "--checkpoint_interval", 2]
+TINY = [
+    "--iterations",
+    4,
+    "--ipc",
+    2,
+    "--batch_real_per_class",
+    4,
+    "--generator_epochs",
+    1,
+    "--log_interval",
+    2,
+    "--grid_interval",
+    2,
+    "--checkpoint_interval",
+    2,
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +102,7 @@ def test_mlflow_records(finished_run):
     run = runs["tiny"]
     assert run.info.status == "FINISHED"
     assert run.data.params["ipc"] == "2" and run.data.params["parameterization"] == "slfd"
-    assert {"loss", "match_loss", "kl"} <= set(run.data.metrics)
+    assert {"loss", "match_loss", "kl", "seconds_per_iteration", "lr_group_0", "lr_group_1"} <= set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -90,8 +118,9 @@ def test_resume_continues_an_interrupted_run(finished_run):
     # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true".
     part = tmp / "part"
     run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 2, "--run_name", "part")
-    resumed = run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 4, "--resume", "true",
-                         "--run_name", "part")
+    resumed = run_bundle(
+        tmp, data, *TINY, "--output_dir", part, "--iterations", 4, "--resume", "true", "--run_name", "part"
+    )
     assert "resuming from" in resumed.stdout and "resuming at 2/4" in resumed.stdout
     whole = tmp / "whole"
     run_bundle(tmp, data, *TINY, "--output_dir", whole, "--run_name", "whole")
@@ -101,10 +130,22 @@ def test_resume_continues_an_interrupted_run(finished_run):
     assert json.loads((part / "distilled" / "manifest.json").read_text())["iterations"] == 4
 
 
+def test_monai_tracking_option_works(finished_run):
+    tmp, data, _, _ = finished_run
+    out = tmp / "tracked"
+    run_bundle(tmp, data, *TINY, "--iterations", 2, "--output_dir", out, "--tracking", "mlflow",
+               "--run_name", "tracked")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")  # MONAI's default store
+    exp = client.get_experiment_by_name("monai_experiment")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and "loss" in runs[0].data.metrics
+
+
 @pytest.mark.parametrize("key,value", [("ipc", 0), ("matcher", "nonsense"), ("rank", -1)])
 def test_bad_values_fail_before_any_work(tmp_path, key, value):
-    proc = run_bundle(tmp_path, tmp_path / "no-data", f"--{key}", value, "--output_dir", tmp_path / "out",
-                      check=False, timeout=120)
+    proc = run_bundle(
+        tmp_path, tmp_path / "no-data", f"--{key}", value, "--output_dir", tmp_path / "out", check=False, timeout=120
+    )
     assert proc.returncode != 0
     assert f"'{key}'" in proc.stderr
     assert not (tmp_path / "generators").exists() and not (tmp_path / "out").exists()
@@ -124,10 +165,35 @@ def test_real_retinamnist_by_override(tmp_path):
     if folder is None or not (folder / "retinamnist.npz").is_file():
         pytest.skip("retinamnist.npz not available (set MONAI_PLD_DATA)")
     out = tmp_path / "retina"
-    run_bundle(tmp_path, folder, *TINY, "--dataset_flag", "retinamnist", "--download", "false",
-               "--generator_max_train_images", 256, "--output_dir", out)
+    run_bundle(
+        tmp_path,
+        folder,
+        *TINY,
+        "--dataset_flag",
+        "retinamnist",
+        "--download",
+        "false",
+        "--generator_max_train_images",
+        256,
+        "--output_dir",
+        out,
+    )
     with np.load(out / "distilled" / "images.npz", allow_pickle=False) as npz:
         assert npz["images"].shape == (10, 28, 28, 3)
         assert list(npz["class_names"]) == ["0", "1", "2", "3", "4"]
     manifest = json.loads((out / "distilled" / "manifest.json").read_text())
     assert manifest["dataset"]["flag"] == "retinamnist" and manifest["dataset"]["train_images"] == 1080
+
+
+def test_image_size_64(tmp_path):
+    from conftest import write_medmnist_npz
+
+    data = tmp_path / "data"
+    write_medmnist_npz(data / "pathmnist_64.npz", n_per_split={"train": 36, "val": 9, "test": 9}, size=64)
+    out = tmp_path / "run64"
+    run_bundle(tmp_path, data, *TINY, "--iterations", 2, "--image_size", 64, "--output_dir", out)
+    with np.load(out / "distilled" / "images.npz", allow_pickle=False) as npz:
+        assert npz["images"].shape == (18, 64, 64, 3)
+    assert (tmp_path / "generators" / "pathmnist_64px_autoencoderkl.pt").is_file()
+    dist = torch.load(out / "distilled" / "distribution.pt", weights_only=True)
+    assert dist["latent_shape"] == [4, 16, 16]

@@ -4,9 +4,7 @@ import torch
 from monai_pld.networks import ConvNet, get_classifier
 
 
-@pytest.mark.parametrize(
-    "channels,size,depth", [(3, 28, 3), (1, 28, 3), (3, 32, 3), (3, 64, 4), (1, 64, 3)]
-)
+@pytest.mark.parametrize("channels,size,depth", [(3, 28, 3), (1, 28, 3), (3, 32, 3), (3, 64, 4), (1, 64, 3)])
 def test_convnet_shapes(channels, size, depth):
     net = ConvNet(channels, 9, size, width=16, depth=depth)
     x = torch.rand(2, channels, size, size)

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from monai_pld.utils import ConfigError, as_bool, atomic_save_json, check_distillation_config, derive_seed, resolve_device
+from monai_pld.utils import (
+    ConfigError,
+    as_bool,
+    atomic_save_json,
+    check_distillation_config,
+    derive_seed,
+    resolve_device,
+)
 
 GOOD = dict(ipc=10, iterations=5, matcher="dm", parameterization="slfd", rank=8, image_size=28)
 

@@ -7,7 +7,7 @@ from monai_pld.matching import DistributionMatcher
 def _toy(n_per_class=6, classes=3, size=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(classes).repeat_interleave(n_per_class)
-    images = (torch.rand(len(labels), 3, size, size, generator=gen) * 0.3 + labels.view(-1, 1, 1, 1) * 0.3)
+    images = torch.rand(len(labels), 3, size, size, generator=gen) * 0.3 + labels.view(-1, 1, 1, 1) * 0.3
     return images, labels
 
 

@@ -72,7 +72,10 @@ def _download(flag: str, info: dict, root: Path, size: int) -> None:
 
 
 def load_medmnist(
-    flag: str = "pathmnist", split: str = "train", root: str | os.PathLike | None = None, size: int = 28,
+    flag: str = "pathmnist",
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    size: int = 28,
     download: bool = True,
 ) -> ImageSet:
     """Read one split of a MedMNIST 2D set as an :class:`ImageSet` (uint8, channel-first).

@@ -3,4 +3,10 @@
 from .distillation import DistillationTrainer
 from .generator import GeneratorTrainer, ensure_generator, pretrain_generator, reconstruction_metrics
 
-__all__ = ["DistillationTrainer", "GeneratorTrainer", "ensure_generator", "pretrain_generator", "reconstruction_metrics"]
+__all__ = [
+    "DistillationTrainer",
+    "GeneratorTrainer",
+    "ensure_generator",
+    "pretrain_generator",
+    "reconstruction_metrics",
+]

@@ -118,7 +118,7 @@ class DistillationTrainer(Trainer):
             state["data_loader"] = self.data_loader
         return state
 
-    def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         device = engine.state.device
         real_images = batchdata["image"].to(device, non_blocking=True)
         real_labels = batchdata["label"].to(device, non_blocking=True)
@@ -150,4 +150,6 @@ class DistillationTrainer(Trainer):
             engine.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             engine.optimizer.step()
-        return {"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item()}
+        # A one-element list of dicts is MONAI's decollated output form, so stock handlers and the bundle's
+        # `--tracking mlflow` (which reads `from_engine(["loss"], first=True)`) work unchanged.
+        return [{"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item()}]

@@ -23,7 +23,6 @@ from monai_pld.data import ImageSet, load_medmnist
 from monai_pld.handlers.progress import ProgressLogger
 from monai_pld.networks.generators import (
     AutoencoderKLGenerator,
-    GeneratorCheckpointError,
     default_autoencoder_config,
 )
 from monai_pld.utils import as_bool, resolve_device
@@ -68,7 +67,7 @@ class GeneratorTrainer(Trainer):
         self.kl_weight = float(kl_weight)
         self._register_handlers(list(train_handlers))
 
-    def _iteration(self, engine: GeneratorTrainer, batchdata: Any) -> dict[str, float]:
+    def _iteration(self, engine: GeneratorTrainer, batchdata: Any) -> list[dict[str, float]]:
         images = batchdata[0] if isinstance(batchdata, (list, tuple)) else batchdata
         x = images.to(engine.state.device, non_blocking=True).float().div_(255.0)
         engine.generator.train()
@@ -79,7 +78,7 @@ class GeneratorTrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         engine.optimizer.step()
-        return {"loss": loss.item(), "recon_l1": recon_l1.item(), "kl": kl.item()}
+        return [{"loss": loss.item(), "recon_l1": recon_l1.item(), "kl": kl.item()}]  # MONAI's decollated form
 
 
 @torch.no_grad()
@@ -193,15 +192,17 @@ def pretrain_generator(
         **{f"network_{k}": str(v) for k, v in config.items()},
     }
     if tracking_uri:
-        handlers.append(MLFlowHandler(
-            tracking_uri=tracking_uri,
-            experiment_name=experiment_name,
-            run_name=run_name,
-            experiment_param=params,
-            output_transform=lambda out: out,
-            iteration_log=lambda engine, it: it % log_interval == 0,
-            close_on_complete=True,
-        ))
+        handlers.append(
+            MLFlowHandler(
+                tracking_uri=tracking_uri,
+                experiment_name=experiment_name,
+                run_name=run_name,
+                experiment_param=params,
+                output_transform=lambda out: out[0],
+                iteration_log=lambda engine, it: it % log_interval == 0,
+                close_on_complete=True,
+            )
+        )
     trainer = GeneratorTrainer(
         device=dev,
         max_epochs=int(epochs),
@@ -252,4 +253,3 @@ def ensure_generator(
         return generator
     logger.info(f"no generator checkpoint at {generator_path}: pretraining one first")
     return pretrain_generator(generator_path, device=dev, **pretrain_kwargs)
-

@@ -20,7 +20,6 @@ from ignite.engine import Engine, Events
 
 from monai_pld.utils import atomic_save_json, atomic_save_torch, atomic_savez, library_versions, sha256_file
 
-
 __all__ = ["DistilledSetExporter", "export_distilled_set", "DISTILLED_FORMAT"]
 
 DISTILLED_FORMAT = 1
@@ -170,7 +169,10 @@ class DistilledSetExporter:
         )
         handler = self.mlflow_handler
         if handler is not None and getattr(handler, "cur_run", None) is not None:
-            handler.client.log_artifacts(handler.cur_run.info.run_id, str(self.output_dir), artifact_path="distilled")
+            run_id = handler.cur_run.info.run_id
+            handler.client.log_artifacts(run_id, str(self.output_dir), artifact_path="distilled")
+            for key, value in manifest["timings"].items():
+                handler.client.log_metric(run_id, key, float(value), step=int(engine.state.iteration))
         self.logger.info(
             f"distilled set written to {self.output_dir}: {manifest['images']['shape'][0]} images "
             f"({manifest['ipc']} per class, {manifest['num_classes']} classes)"

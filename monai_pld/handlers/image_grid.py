@@ -15,7 +15,6 @@ from PIL import Image
 
 from monai_pld.utils import atomic_write
 
-
 __all__ = ["SyntheticImageGrid", "image_grid", "save_png"]
 
 

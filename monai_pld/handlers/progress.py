@@ -8,7 +8,6 @@ from collections.abc import Mapping
 
 from ignite.engine import Engine, Events
 
-
 __all__ = ["ProgressLogger", "format_duration"]
 
 
@@ -62,11 +61,12 @@ class ProgressLogger:
             return
         done = it - self._start_iteration
         rate = (time.perf_counter() - self._start_time) / max(done, 1)
+        output = engine.state.output
+        if isinstance(output, list) and output and isinstance(output[0], Mapping):
+            output = output[0]  # MONAI's decollated form: the scalars are repeated in every element
         values = ""
-        if isinstance(engine.state.output, Mapping):
-            values = " ".join(
-                f"{k} {float(v):.4g}" for k, v in engine.state.output.items() if isinstance(v, (int, float))
-            )
+        if isinstance(output, Mapping):
+            values = " ".join(f"{k} {float(v):.4g}" for k, v in output.items() if isinstance(v, (int, float)))
         self.logger.info(
             f"{self.prefix} {it}/{total} {values} | {rate:.3f} s/it | ETA {format_duration(rate * (total - it))}"
         )

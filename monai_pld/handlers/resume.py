@@ -19,6 +19,10 @@ __all__ = ["ResumeFromCheckpoint", "latest_checkpoint", "CheckpointError"]
 _NUMBER = re.compile(r"=(\d+)\.pt$")
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that was asked for cannot be used."""
 
@@ -78,8 +82,8 @@ class ResumeFromCheckpoint:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is corrupted or truncated. "
-                "Delete it to resume from the previous one, or run with --resume false to start anew."
+                f"checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupted or "
+                "truncated. Delete it to resume from the previous one, or run with --resume false to start anew."
             ) from e
         missing = sorted(set(self.load_dict) - set(checkpoint) if isinstance(checkpoint, dict) else self.load_dict)
         if missing:

@@ -50,7 +50,9 @@ class Matcher(nn.Module):
         """Raise a ``ValueError`` naming ``name`` when images or labels do not fit this matcher."""
         shape = (self.in_channels, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != shape:
-            raise ValueError(f"{name} images must have shape (N, {', '.join(map(str, shape))}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"{name} images must have shape (N, {', '.join(map(str, shape))}), got {tuple(images.shape)}"
+            )
         if labels.shape != (images.shape[0],):
             raise ValueError(f"{name} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):

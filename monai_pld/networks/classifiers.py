@@ -15,8 +15,12 @@ from torch import nn
 __all__ = ["ConvNet", "get_classifier", "CLASSIFIERS"]
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
-ACTS = {"relu": lambda: nn.ReLU(inplace=True), "leakyrelu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid,
-        "swish": nn.SiLU}
+ACTS = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leakyrelu": lambda: nn.LeakyReLU(0.01),
+    "sigmoid": nn.Sigmoid,
+    "swish": nn.SiLU,
+}
 POOLS = {"avgpooling": lambda: nn.AvgPool2d(2, 2), "maxpooling": lambda: nn.MaxPool2d(2, 2), "none": nn.Identity}
 
 

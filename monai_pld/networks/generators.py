@@ -218,8 +218,10 @@ def _read_checkpoint(path: str | os.PathLike, map_location: str | torch.device) 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise GeneratorCheckpointError(
-            f"generator checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is corrupted or not a "
-            "monai_pld generator. Delete it to pretrain a new one, or point 'generator_path' at a good file."
+            f"generator checkpoint {path} cannot be read "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+            "it is corrupted or not a monai_pld generator. Delete it to pretrain a new one, or point 'generator_path' "
+            "at a good file."
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise GeneratorCheckpointError(

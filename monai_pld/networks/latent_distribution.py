@@ -346,7 +346,7 @@ class SLFDistribution(LatentParameterization):
         if not isinstance(class_prior, (tuple, list)) or len(class_prior) != 2:
             raise ValueError(f"'class_prior' must be a pair (means, variances), got {type(class_prior).__name__}")
         checked = []
-        for name, value in zip(("means", "variances"), class_prior):
+        for name, value in zip(("means", "variances"), class_prior, strict=True):
             if not isinstance(value, Tensor) or tuple(value.shape) != expected:
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
