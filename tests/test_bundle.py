@@ -135,10 +135,13 @@ def test_monai_tracking_option_works(finished_run):
     out = tmp / "tracked"
     run_bundle(tmp, data, *TINY, "--iterations", 2, "--output_dir", out, "--tracking", "mlflow",
                "--run_name", "tracked")
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")  # MONAI's default store
-    exp = client.get_experiment_by_name("monai_experiment")
-    runs = client.search_runs([exp.experiment_id])
-    assert runs and "loss" in runs[0].data.metrics
+    # MONAI's handler reads the bundle's tracking_uri/experiment_name/run_name, so it writes into the same run,
+    # with its own `train_loss` metric (from_engine(["loss"], first=True) on the trainer's output).
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("monai_pld")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'tracked'")
+    assert len(runs) == 1 and "train_loss" in runs[0].data.metrics
+    assert list(out.glob("config_*.json"))  # MONAI's record of the executed config
 
 
 @pytest.mark.parametrize("key,value", [("ipc", 0), ("matcher", "nonsense"), ("rank", -1)])
