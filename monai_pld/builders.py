@@ -161,13 +161,23 @@ def build_matcher(name: str, dataset: ImageSet, seed: int = 0, **kwargs: Any) ->
     )
 
 
-def build_optimizer(parameterization: torch.nn.Module, lr_codes: float = 0.01, lr_network: float = 0.001):
-    """Adam with one group for the slot codes and one for the lightweight network (if any)."""
+def build_optimizer(
+    parameterization: torch.nn.Module,
+    lr_codes: float = 0.01,
+    lr_network: float = 0.001,
+    matcher: torch.nn.Module | None = None,
+    lr_matcher: float = 1e-5,
+) -> torch.optim.Optimizer:
+    """Adam with one group for the slot codes, one for the lightweight network (if any) and one for the matcher's
+    learnable parameters (if any, e.g. MTT's student learning rate)."""
     codes = [p for n, p in parameterization.named_parameters() if n == "codes"]
     network = [p for n, p in parameterization.named_parameters() if n != "codes"]
     groups = [{"params": codes, "lr": lr_codes, "name": "codes"}]
     if network:
         groups.append({"params": network, "lr": lr_network, "name": "network"})
+    matcher_params = [p for p in matcher.parameters() if p.requires_grad] if matcher is not None else []
+    if matcher_params:
+        groups.append({"params": matcher_params, "lr": lr_matcher, "name": "matcher"})
     return torch.optim.Adam(groups)
 
 

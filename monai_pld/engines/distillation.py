@@ -107,8 +107,8 @@ class DistillationTrainer(Trainer):
         self._register_handlers(handlers)
 
     def checkpoint_objects(self) -> dict[str, Any]:
-        """Everything a resumed run needs: engine counters, the parameterisation, optimiser moments and the
-        position of the real-batch stream (when the loader can report it)."""
+        """Everything a resumed run needs: engine counters, the parameterisation, optimiser moments, the position
+        of the real-batch stream (when the loader can report it) and the matcher's own state (when it has any)."""
         state: dict[str, Any] = {
             "trainer": self,
             "parameterization": self.parameterization,
@@ -116,6 +116,8 @@ class DistillationTrainer(Trainer):
         }
         if callable(getattr(self.data_loader, "state_dict", None)):
             state["data_loader"] = self.data_loader
+        if isinstance(self.matcher, torch.nn.Module) and self.matcher.state_dict():
+            state["matcher"] = self.matcher  # e.g. DC's inner model mid outer loop, MTT's learnt student lr
         return state
 
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, float]]:
