@@ -4,30 +4,62 @@ import torch
 from monai_pld.networks import ConvNet, get_classifier
 
 
-@pytest.mark.parametrize("channels,size,depth", [(3, 28, 3), (1, 28, 3), (3, 32, 3), (3, 64, 4), (1, 64, 3)])
-def test_convnet_shapes(channels, size, depth):
+@pytest.mark.parametrize(
+    "channels,size,depth,features",
+    [
+        (3, 28, 3, 16 * 3 * 3),  # 28 -> 14 -> 7 -> 3: the reference's bookkeeping says 4 x 4 here and crashes
+        (1, 28, 3, 16 * 4 * 4),  # padding 3 on the first layer: 32 -> 16 -> 8 -> 4
+        (3, 32, 3, 16 * 4 * 4),
+        (3, 64, 4, 16 * 4 * 4),
+    ],
+)
+def test_convnet_logits_and_features_for_any_size(channels, size, depth, features):
     net = ConvNet(channels, 9, size, width=16, depth=depth)
     x = torch.rand(2, channels, size, size)
+    assert net.num_features == features
     assert net(x).shape == (2, 9)
-    assert net.embed(x).shape == (2, net.num_features)
+    assert net.embed(x).shape == (2, features)
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "layernorm", "groupnorm", "none"])
+@pytest.mark.parametrize("act,pool", [("relu", "avgpooling"), ("leakyrelu", "maxpooling"), ("swish", "none")])
+def test_every_option_builds_and_runs(norm, act, pool):
+    net = ConvNet(1, 4, 28, width=8, depth=2, norm=norm, act=act, pool=pool)
+    out = net(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
 
 
 def test_reference_parameter_count():
-    # 3-channel 32 px, 10 classes, width 128, depth 3, instance norm: 3,584 + 2 * 147,584 + 3 * 256 + 20,490
+    # 3-channel 32 px, 10 classes, width 128, depth 3, instance norm, counted by hand in the reference notes
     net = ConvNet(3, 10, 32)
-    assert sum(p.numel() for p in net.parameters()) == 3584 + 2 * 147584 + 3 * 256 + 20490 == 320010
+    assert sum(p.numel() for p in net.parameters()) == 320_010
+    assert isinstance(net.features[1], torch.nn.GroupNorm) and net.features[1].num_groups == 128
 
 
-def test_feature_sizes_follow_the_padding_rules():
-    assert ConvNet(3, 9, 28).num_features == 128 * 3 * 3  # 28 -> 14 -> 7 -> 3 (the reference crashes here)
-    assert ConvNet(1, 9, 28).num_features == 128 * 4 * 4  # padding 3 on the first layer: 32 -> 16 -> 8 -> 4
+def test_first_layer_padding_depends_on_channels():
+    assert ConvNet(1, 2, 28, width=8).features[0].padding == (3, 3)
+    assert ConvNet(3, 2, 28, width=8).features[0].padding == (1, 1)
+    assert ConvNet(1, 2, 28, width=8).features[4].padding == (1, 1)
 
 
-def test_registry_and_errors():
-    assert isinstance(get_classifier("convnetbn", 3, 2, 32).features[1], torch.nn.BatchNorm2d)
-    with pytest.raises(ValueError, match="unknown classifier"):
+def test_feature_count_pass_leaves_batchnorm_statistics_and_train_mode():
+    net = get_classifier("convnetbn", 3, 2, 16, width=8)
+    bn = net.features[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(8))
+    assert net.training and bn.training
+
+
+def test_registry_overrides_and_errors():
+    net = get_classifier("ConvNet", 3, 5, 32, width=8, depth=2)
+    assert isinstance(net, ConvNet) and net.num_features == 8 * 8 * 8
+    with pytest.raises(ValueError, match=r"unknown classifier 'resnet1000'; known: \['convnet', 'convnetbn'\]"):
         get_classifier("resnet1000", 3, 2, 32)
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(ValueError, match="norm must be one of"):
         ConvNet(3, 2, 32, norm="weird")
+    with pytest.raises(ValueError, match="act must be one of"):
+        ConvNet(3, 2, 32, act="gelu")
     with pytest.raises(ValueError, match="too small"):
         ConvNet(3, 2, 8, depth=5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ConvNet(3, 2, 8, width=6, norm="groupnorm")

@@ -1,5 +1,7 @@
 """Matchers: compare synthetic with real images. ``DistributionMatcher`` (DM)."""
 
+from __future__ import annotations
+
 from .base import Matcher
 from .distribution import DistributionMatcher
 

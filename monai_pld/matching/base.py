@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -10,17 +11,23 @@ from torch import nn
 __all__ = ["Matcher"]
 
 
-class Matcher(nn.Module):
-    """Base of every matcher. Inputs are images in ``[0, 1]``; :meth:`normalize` maps them with the dataset's
-    per-channel mean and std, so augmentation fills (zeros) mean "average colour" as in the reference code.
+class Matcher(nn.Module, ABC):
+    """Base of every matcher. Owns its networks; compares synthetic with real images.
+
+    Inputs are images in ``[0, 1]``; :meth:`normalize` maps them with per-channel mean and std, so that zero (the
+    fill value of augmentations) means the average colour, as in the reference code.
 
     Args:
         in_channels: image channels.
-        num_classes: number of classes (labels are ``0..num_classes-1``).
+        num_classes: number of classes; labels are ``0..num_classes-1``.
         image_size: side of the square images.
-        mean: per-channel mean (default 0.5 each).
-        std: per-channel standard deviation (default 0.5 each).
+        mean: per-channel mean, default 0.5 for every channel.
+        std: per-channel standard deviation, default 0.5 for every channel.
         seed: base seed of the matcher's random networks and augmentations.
+
+    Raises:
+        ValueError: for non-positive sizes, or ``mean``/``std`` with a length other than ``in_channels`` or a
+            non-positive std.
     """
 
     def __init__(
@@ -33,31 +40,66 @@ class Matcher(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        mean = [0.5] * in_channels if mean is None else list(mean)
-        std = [0.5] * in_channels if std is None else list(std)
+        if min(in_channels, num_classes, image_size) < 1:
+            raise ValueError(
+                f"in_channels, num_classes and image_size must be >= 1, got {(in_channels, num_classes, image_size)}"
+            )
+        mean = [0.5] * in_channels if mean is None else [float(m) for m in mean]
+        std = [0.5] * in_channels if std is None else [float(s) for s in std]
         if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std need {in_channels} values (one per channel), got {len(mean)} and {len(std)}")
+            raise ValueError(
+                f"mean/std need {in_channels} values (one per channel), got {len(mean)} and {len(std)}; "
+                "pass the dataset's channel statistics or None for 0.5"
+            )
         if min(std) <= 0:
             raise ValueError(f"std values must be > 0, got {std}")
         self.in_channels, self.num_classes, self.image_size, self.seed = in_channels, num_classes, image_size, seed
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # not persistent: they come from the constructor, so checkpoints need not carry them
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        """Per-channel standardisation.
+
+        Args:
+            x: images ``(N, C, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            ``(x - mean) / std``, in the dtype and on the device of ``x``.
+        """
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        return (x - mean) / std
 
     def check_inputs(self, images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
-        """Raise a ``ValueError`` naming ``name`` when images or labels do not fit this matcher."""
+        """Check one image set against this matcher.
+
+        Args:
+            images: ``(N, in_channels, image_size, image_size)`` floating-point images.
+            labels: integer class labels ``(N,)`` in ``[0, num_classes)``, on the device of ``images``.
+            name: what the set is called in error messages (``"synthetic"``, ``"real"``).
+
+        Raises:
+            ValueError: naming ``name``, what was wrong and what is expected.
+        """
         shape = (self.in_channels, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != shape:
             raise ValueError(
                 f"{name} images must have shape (N, {', '.join(map(str, shape))}), got {tuple(images.shape)}"
             )
+        if not images.dtype.is_floating_point:
+            raise ValueError(f"{name} images must be floating point in [0, 1], got dtype {images.dtype}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"{name} labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"{name} labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"{name} labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.device != images.device:
+            raise ValueError(f"{name} labels are on {labels.device} but the images on {images.device}; move both")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"{name} labels must lie in [0, {self.num_classes}), got {int(labels.min())}..{int(labels.max())}"
+            )
 
+    @abstractmethod
     def loss(
         self,
         syn_images: torch.Tensor,
@@ -65,6 +107,16 @@ class Matcher(nn.Module):
         real_images: torch.Tensor,
         real_labels: torch.Tensor,
         step: int,
-    ) -> torch.Tensor:  # pragma: no cover - interface
-        """Scalar matching loss of step ``step``, differentiable in ``syn_images``."""
-        raise NotImplementedError
+    ) -> torch.Tensor:
+        """The matching loss of one distillation step.
+
+        Args:
+            syn_images: synthetic images ``(M, C, H, W)`` in ``[0, 1]``, usually requiring grad.
+            syn_labels: their class labels ``(M,)``.
+            real_images: real images ``(N, C, H, W)`` in ``[0, 1]``.
+            real_labels: their class labels ``(N,)``.
+            step: iteration number; the matcher's random draws are a function of ``(seed, step)``.
+
+        Returns:
+            A scalar, differentiable with respect to ``syn_images``.
+        """
