@@ -13,10 +13,12 @@ from monai_pld.engines.generator import ensure_generator
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import LatentGenerator, PixelGenerator
 from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
+from monai_pld.networks.real_images import BASELINES, RealImageSet
 from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, resolve_device
 
 __all__ = [
     "build_generator",
+    "select_initial_indices",
     "select_initial_images",
     "encode_images",
     "class_latent_prior",
@@ -36,10 +38,10 @@ def build_generator(
     device: str | torch.device = "auto",
     **pretrain_kwargs: Any,
 ) -> LatentGenerator:
-    """The frozen generator for ``parameterization``: the identity for ``pixel``, else the pretrained autoencoder
-    (pretrained first when ``generator_path`` does not exist)."""
+    """The frozen generator for ``parameterization``: the identity for ``pixel`` and the real-image baselines
+    (``random``, ``full``), else the pretrained autoencoder (pretrained first when ``generator_path`` is missing)."""
     dev = resolve_device(device)
-    if parameterization == "pixel":
+    if parameterization == "pixel" or parameterization in BASELINES:
         return PixelGenerator((dataset.channels, dataset.image_size, dataset.image_size)).to(dev).freeze()
     generator = ensure_generator(generator_path, device=dev, **pretrain_kwargs)
     if tuple(generator.image_shape) != (dataset.channels, dataset.image_size, dataset.image_size):
@@ -51,8 +53,8 @@ def build_generator(
     return generator
 
 
-def select_initial_images(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` distinct random training images per class (seeded), class-sorted; as float ``[0, 1]`` and labels.
+def select_initial_indices(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of ``ipc`` distinct random training images per class (seeded), class-sorted, and their labels.
 
     Classes with fewer than ``ipc`` images repeat images (with a warning), so every class gets ``ipc`` slots.
     """
@@ -67,8 +69,17 @@ def select_initial_images(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[t
         else:
             pick = index[torch.randperm(len(index), generator=gen)[:ipc]]
         chosen.append(pick)
-    order = torch.cat(chosen)
     labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
+    return torch.cat(chosen), labels
+
+
+def select_initial_images(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of :func:`select_initial_indices` as float ``[0, 1]``, with their labels.
+
+    The ``random`` baseline is exactly this selection, so it equals the starting point of ``pixel`` distillation
+    with the same seed.
+    """
+    order, labels = select_initial_indices(dataset, ipc, seed)
     return dataset.float_images(order), labels
 
 
@@ -108,10 +119,12 @@ def build_parameterization(
     init: str = "real",
     **slfd_kwargs: Any,
 ) -> torch.nn.Module:
-    """The learnable parameterisation of the synthetic set.
+    """The learnable parameterisation of the synthetic set, or a fixed real-image baseline.
 
     Args:
-        kind: ``slfd`` (probabilistic latents), ``latent`` (deterministic codes, GLaD-style) or ``pixel``.
+        kind: ``slfd`` (probabilistic latents), ``latent`` (deterministic codes, GLaD-style), ``pixel``, or a
+            baseline: ``random`` (the ``ipc`` seeded real images per class that also initialise the slots) or
+            ``full`` (the whole training split).
         generator: the frozen generator (identity for ``pixel``).
         dataset: the real training split (initialisation and, with ``kl_weight > 0``, the class prior).
         ipc: slots per class.
@@ -123,10 +136,15 @@ def build_parameterization(
             choice for generators without an encoder).
         slfd_kwargs: further ``SLFDistribution`` arguments (``log_var_min``, ``init_log_var``...).
     """
-    if kind not in PARAMETERIZATIONS:
-        raise ConfigError(f"'parameterization' must be one of {list(PARAMETERIZATIONS)}, got {kind!r}")
+    if kind not in PARAMETERIZATIONS + BASELINES:
+        raise ConfigError(f"'parameterization' must be one of {list(PARAMETERIZATIONS + BASELINES)}, got {kind!r}")
     if init not in ("real", "noise"):
         raise ConfigError(f"'init' must be 'real' or 'noise', got {init!r}")
+    if kind == "full":
+        return RealImageSet(dataset.images, dataset.labels, dataset.num_classes, kind="full")
+    if kind == "random":
+        order, labels = select_initial_indices(dataset, ipc, seed)
+        return RealImageSet(dataset.images[order], labels, dataset.num_classes, kind="random", seed=seed)
     images, labels = select_initial_images(dataset, ipc, seed)
     if init == "real" and generator.has_encoder:
         codes = encode_images(generator, images)
@@ -151,14 +169,45 @@ def build_parameterization(
     return param
 
 
-def build_matcher(name: str, dataset: ImageSet, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
-    """The matcher ``name`` for images shaped like ``dataset``, normalising with the dataset's channel statistics."""
+def build_matcher(
+    name: str,
+    dataset: ImageSet,
+    seed: int = 0,
+    parameterization: str | None = None,
+    ipc: int | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module | None:
+    """The matcher ``name`` (``dm``, ``dc`` or ``mtt``) for images shaped like ``dataset``, normalising with the
+    dataset's channel statistics; ``None`` for the real-image baselines, which match nothing.
+
+    Args:
+        name: matcher name.
+        dataset: the real training split.
+        seed: base seed of the matcher's random draws.
+        parameterization: when ``random`` or ``full``, no matcher is built.
+        ipc: images per class (DC derives its outer/inner loops from it).
+        kwargs: the matcher's own settings (``matcher_args[name]`` in the bundles).
+
+    Raises:
+        ConfigError: for an unknown name or a setting the matcher does not take.
+    """
     if name not in MATCHERS:
         raise ConfigError(f"'matcher' must be one of {list(MATCHERS)}, got {name!r}")
+    if parameterization in BASELINES:
+        return None
+    from monai_pld.matching.gradient import GradientMatcher
+    from monai_pld.matching.trajectory import TrajectoryMatcher
+
     mean, std = dataset.channel_stats()
-    return DistributionMatcher(
-        dataset.channels, dataset.num_classes, dataset.image_size, mean=mean, std=std, seed=seed, **kwargs
-    )
+    common = {"mean": mean, "std": std, "seed": seed}
+    shape = (dataset.channels, dataset.num_classes, dataset.image_size)
+    classes = {"dm": DistributionMatcher, "dc": GradientMatcher, "mtt": TrajectoryMatcher}
+    if name == "dc":
+        kwargs = {"ipc": ipc, **kwargs}
+    try:
+        return classes[name](*shape, **common, **kwargs)
+    except TypeError as e:  # an unknown key in matcher_args
+        raise ConfigError(f"bad setting in matcher_args.{name}: {e}") from e
 
 
 def build_optimizer(
@@ -169,7 +218,10 @@ def build_optimizer(
     lr_matcher: float = 1e-5,
 ) -> torch.optim.Optimizer:
     """Adam with one group for the slot codes, one for the lightweight network (if any) and one for the matcher's
-    learnable parameters (if any, e.g. MTT's student learning rate)."""
+    learnable parameters (if any, e.g. MTT's student learning rate); ``None`` when nothing is learnable (the
+    real-image baselines)."""
+    if not any(p.requires_grad for p in parameterization.parameters()):
+        return None
     codes = [p for n, p in parameterization.named_parameters() if n == "codes"]
     network = [p for n, p in parameterization.named_parameters() if n != "codes"]
     groups = [{"params": codes, "lr": lr_codes, "name": "codes"}]

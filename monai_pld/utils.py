@@ -30,12 +30,14 @@ __all__ = [
     "flatten_params",
     "MATCHERS",
     "PARAMETERIZATIONS",
+    "BASELINES",
     "IMAGE_SIZES",
 ]
 
-MATCHERS = ("dm",)
+MATCHERS = ("dm", "dc", "mtt")
 PARAMETERIZATIONS = ("slfd", "latent", "pixel")
-IMAGE_SIZES = (28, 64, 128, 224)
+BASELINES = ("random", "full")
+IMAGE_SIZES = (28, 32, 64, 128, 224)
 
 
 class ConfigError(ValueError):
@@ -189,11 +191,19 @@ def check_distillation_config(
     resume: Any = False,
     download: Any = True,
     antithetic: Any = False,
+    dataset_flag: Any = None,
+    lr_matcher: Any = 1e-5,
+    dc_loops: Any = "reference",
+    mtt_syn_steps: Any = 20,
+    mtt_expert_epochs: Any = 3,
+    mtt_max_start_epoch: Any = 25,
+    mtt_batch_syn: Any = None,
 ) -> dict[str, Any]:
     """Check every distillation config value before any work starts.
 
     Returns:
-        the normalised values (booleans parsed, device resolved to a string).
+        the normalised values (booleans parsed, device resolved to a string) and ``iterations``: the configured
+        number, or 1 for the real-image baselines (``random``/``full``), which have nothing to optimise.
 
     Raises:
         ConfigError: naming the first offending key, its value and what is accepted.
@@ -208,13 +218,34 @@ def check_distillation_config(
     _check_int("checkpoint_interval", checkpoint_interval, 1)
     if matcher not in MATCHERS:
         raise ConfigError(f"'matcher' must be one of {list(MATCHERS)}, got {matcher!r}; e.g. --matcher dm")
-    if parameterization not in PARAMETERIZATIONS:
+    if parameterization not in PARAMETERIZATIONS + BASELINES:
         raise ConfigError(
-            f"'parameterization' must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}; "
+            f"'parameterization' must be one of {list(PARAMETERIZATIONS + BASELINES)}, got {parameterization!r}; "
             "e.g. --parameterization slfd"
         )
     if image_size not in IMAGE_SIZES:
         raise ConfigError(f"'image_size' must be one of {list(IMAGE_SIZES)}, got {image_size!r}")
+    if dataset_flag is not None:
+        from monai_pld.data import check_dataset
+
+        try:
+            check_dataset(dataset_flag, image_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    _check_number("lr_matcher", lr_matcher, 0.0)
+    if dc_loops not in ("reference", "glad") and not (
+        isinstance(dc_loops, (list, tuple))
+        and len(dc_loops) == 2
+        and all(isinstance(v, int) and v >= 1 for v in dc_loops)
+    ):
+        raise ConfigError(
+            f"'dc_loops' must be 'reference', 'glad' or a pair [outer, inner] of positive integers, got {dc_loops!r}"
+        )
+    _check_int("mtt_syn_steps", mtt_syn_steps, 1)
+    _check_int("mtt_expert_epochs", mtt_expert_epochs, 1)
+    _check_int("mtt_max_start_epoch", mtt_max_start_epoch, 0)
+    if mtt_batch_syn is not None:
+        _check_int("mtt_batch_syn", mtt_batch_syn, 1)
     _check_number("kl_weight", kl_weight, 0.0)
     _check_number("lr_codes", lr_codes, 0.0, strict=True)
     _check_number("lr_network", lr_network, 0.0, strict=True)
@@ -226,6 +257,7 @@ def check_distillation_config(
         "download": as_bool(download, "download"),
         "antithetic": antithetic,
         "device": str(resolve_device(device)),
+        "iterations": 1 if parameterization in BASELINES else int(iterations),
     }
 
 

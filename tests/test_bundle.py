@@ -36,7 +36,8 @@ def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout
         "cpu",
         *map(str, overrides),
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    # from the repository root, like a user: the bundles pull the shared workflow in with root-relative macros
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -133,8 +134,9 @@ def test_resume_continues_an_interrupted_run(finished_run):
 def test_monai_tracking_option_works(finished_run):
     tmp, data, _, _ = finished_run
     out = tmp / "tracked"
-    run_bundle(tmp, data, *TINY, "--iterations", 2, "--output_dir", out, "--tracking", "mlflow",
-               "--run_name", "tracked")
+    run_bundle(
+        tmp, data, *TINY, "--iterations", 2, "--output_dir", out, "--tracking", "mlflow", "--run_name", "tracked"
+    )
     # MONAI's handler reads the bundle's tracking_uri/experiment_name/run_name, so it writes into the same run,
     # with its own `train_loss` metric (from_engine(["loss"], first=True) on the trainer's output).
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}")

@@ -15,7 +15,36 @@ GOOD = dict(ipc=10, iterations=5, matcher="dm", parameterization="slfd", rank=8,
 
 def test_good_config_is_normalised():
     out = check_distillation_config(**GOOD, resume="true", download="False", device="cpu")
-    assert out == {"resume": True, "download": False, "antithetic": False, "device": "cpu"}
+    assert out == {"resume": True, "download": False, "antithetic": False, "device": "cpu", "iterations": 5}
+
+
+@pytest.mark.parametrize("baseline", ["random", "full"])
+def test_baselines_run_one_iteration(baseline):
+    assert check_distillation_config(**{**GOOD, "parameterization": baseline})["iterations"] == 1
+
+
+@pytest.mark.parametrize("matcher", ["dm", "dc", "mtt"])
+def test_every_matcher_is_accepted(matcher):
+    assert check_distillation_config(**{**GOOD, "matcher": matcher})["iterations"] == 5
+
+
+@pytest.mark.parametrize(
+    "flag,size,ok",
+    [
+        ("cifar10", 32, True),
+        ("cifar10", 28, False),
+        ("imagenette", 128, True),
+        ("pathmnist", 32, False),
+        ("chestmnist", 28, False),
+        ("nonsense", 28, False),
+    ],
+)
+def test_dataset_and_image_size_are_checked_together(flag, size, ok):
+    if ok:
+        check_distillation_config(**{**GOOD, "image_size": size}, dataset_flag=flag)
+    else:
+        with pytest.raises(ConfigError, match="'image_size'|'dataset_flag'"):
+            check_distillation_config(**{**GOOD, "image_size": size}, dataset_flag=flag)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +64,13 @@ def test_good_config_is_normalised():
         ("lr_network", float("nan")),
         ("resume", "maybe"),
         ("device", "tpu"),
+        ("dc_loops", "sometimes"),
+        ("dc_loops", [0, 5]),
+        ("mtt_syn_steps", 0),
+        ("mtt_expert_epochs", 0),
+        ("mtt_max_start_epoch", -1),
+        ("mtt_batch_syn", 0),
+        ("lr_matcher", -1.0),
     ],
 )
 def test_bad_value_names_the_key(key, value):

@@ -1,14 +1,29 @@
-"""Datasets as ``ImageSet`` (uint8, channel-first, labels, class names) and class-balanced real batches."""
+"""Datasets as ``ImageSet`` (uint8, channel-first, labels, class names) and class-balanced real batches.
+
+MedMNIST 2D (any flag), CIFAR-10 and ten-class ImageNet subsets; :func:`load_dataset` dispatches by name.
+"""
 
 from .base import ImageSet
+from .cifar import CIFAR10_CLASSES, load_cifar10
+from .imagenet import IMAGENET_SUBSETS, load_imagenet_subset
 from .medmnist import DatasetNotFoundError, default_medmnist_root, load_medmnist, medmnist_filename, medmnist_info
+from .registry import check_dataset, dataset_names, default_data_root, default_image_size, load_dataset
 from .sampling import ClassBalancedBatches
 
 __all__ = [
+    "CIFAR10_CLASSES",
+    "IMAGENET_SUBSETS",
     "ClassBalancedBatches",
     "DatasetNotFoundError",
     "ImageSet",
+    "check_dataset",
+    "dataset_names",
+    "default_data_root",
+    "default_image_size",
     "default_medmnist_root",
+    "load_cifar10",
+    "load_dataset",
+    "load_imagenet_subset",
     "load_medmnist",
     "medmnist_filename",
     "medmnist_info",

@@ -38,8 +38,9 @@ class DistillationTrainer(Trainer):
         train_data_loader: infinite iterable of ``{"image", "label"}`` real batches (e.g. ``ClassBalancedBatches``).
         parameterization: ``SLFDistribution`` or ``LatentCodes`` (anything with ``sample`` and ``kl_to_prior``).
         generator: frozen generator with ``decode``.
-        matcher: object with ``loss(syn_images, syn_labels, real_images, real_labels, step)``.
-        optimizer: optimiser over the parameterisation's parameters.
+        matcher: object with ``loss(syn_images, syn_labels, real_images, real_labels, step)`` (and optionally
+            ``metrics()``, values logged with the loss); ``None`` only for a fixed real-image baseline.
+        optimizer: optimiser over the parameterisation's parameters; ``None`` only for a fixed baseline.
         samples_per_slot: latents drawn per slot and iteration (S).
         antithetic: draw S/2 noise vectors and use each with both signs.
         kl_weight: weight ``beta`` of the KL of each slot's Gaussian to its class prior (0 disables).
@@ -83,7 +84,13 @@ class DistillationTrainer(Trainer):
         self.parameterization = parameterization.to(device)
         self.generator = generator.to(device)
         self.matcher = matcher.to(device) if isinstance(matcher, torch.nn.Module) else matcher
-        self.optimizer = optimizer
+        if optimizer is not None:  # no attribute at all for a fixed baseline: MONAI's MLflow handler probes for it
+            self.optimizer = optimizer
+        # A real-image baseline (``random``/``full``) has nothing to learn: its iterations only let the handlers
+        # (export, grids, MLflow) run as for any other row of a comparison.
+        self.fixed = bool(getattr(parameterization, "fixed", False))
+        if not self.fixed and (matcher is None or optimizer is None):
+            raise ValueError("a learnable parameterisation needs a matcher and an optimizer")
         self.samples_per_slot = int(samples_per_slot)
         self.antithetic = bool(antithetic)
         self.kl_weight = float(kl_weight)
@@ -109,11 +116,9 @@ class DistillationTrainer(Trainer):
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything a resumed run needs: engine counters, the parameterisation, optimiser moments, the position
         of the real-batch stream (when the loader can report it) and the matcher's own state (when it has any)."""
-        state: dict[str, Any] = {
-            "trainer": self,
-            "parameterization": self.parameterization,
-            "optimizer": self.optimizer,
-        }
+        state: dict[str, Any] = {"trainer": self}
+        if not self.fixed:
+            state.update(parameterization=self.parameterization, optimizer=self.optimizer)
         if callable(getattr(self.data_loader, "state_dict", None)):
             state["data_loader"] = self.data_loader
         if isinstance(self.matcher, torch.nn.Module) and self.matcher.state_dict():
@@ -121,6 +126,8 @@ class DistillationTrainer(Trainer):
         return state
 
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+        if engine.fixed:
+            return [{}]
         device = engine.state.device
         real_images = batchdata["image"].to(device, non_blocking=True)
         real_labels = batchdata["label"].to(device, non_blocking=True)
@@ -154,4 +161,6 @@ class DistillationTrainer(Trainer):
             engine.optimizer.step()
         # A one-element list of dicts is MONAI's decollated output form, so stock handlers and the bundle's
         # `--tracking mlflow` (which reads `from_engine(["loss"], first=True)`) work unchanged.
-        return [{"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item()}]
+        metrics = getattr(engine.matcher, "metrics", None)
+        extra = metrics() if callable(metrics) else {}
+        return [{"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item(), **extra}]

@@ -19,7 +19,7 @@ from ignite.engine import Events
 from monai.engines import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_pld.data import ImageSet, load_medmnist
+from monai_pld.data import ImageSet
 from monai_pld.handlers.progress import ProgressLogger
 from monai_pld.networks.generators import (
     AutoencoderKLGenerator,
@@ -135,11 +135,12 @@ def pretrain_generator(
     run_name: str | None = None,
     network: dict[str, Any] | None = None,
 ) -> AutoencoderKLGenerator:
-    """Train the default generator on a MedMNIST training split and save it atomically to ``generator_path``.
+    """Train the default generator on a training split and save it atomically to ``generator_path``.
 
     Args:
         generator_path: checkpoint file to write.
-        dataset_flag, dataset_dir, image_size, download: which data to read (see ``load_medmnist``).
+        dataset_flag, dataset_dir, image_size, download: which data to read (see :func:`monai_pld.data.load_dataset`:
+            MedMNIST 2D, CIFAR-10, ImageNet subsets).
         epochs: passes over the (possibly capped) training split.
         batch_size, lr: Adam settings.
         kl_weight: weight of the KL term.
@@ -159,8 +160,12 @@ def pretrain_generator(
     dev = resolve_device(device)
     if int(epochs) < 1:
         raise ValueError(f"'generator_epochs' must be >= 1, got {epochs}")
-    train = load_medmnist(dataset_flag, "train", dataset_dir, size=image_size, download=as_bool(download, "download"))
-    val = load_medmnist(dataset_flag, "val", dataset_dir, size=image_size, download=False)
+    from monai_pld.data import load_dataset
+
+    train = load_dataset(
+        dataset_flag, "train", dataset_dir, image_size=image_size, download=as_bool(download, "download")
+    )
+    val = load_dataset(dataset_flag, "val", dataset_dir, image_size=image_size, download=False)
     train_images = train.images
     if max_train_images is not None and len(train_images) > max_train_images:
         train_images = train_images[torch.linspace(0, len(train_images) - 1, int(max_train_images)).long()]

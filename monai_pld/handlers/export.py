@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from monai_pld.utils import atomic_save_json, atomic_save_torch, atomic_savez, library_versions, sha256_file
+from monai_pld.utils import (
+    atomic_save_json,
+    atomic_save_torch,
+    atomic_savez,
+    flatten_params,
+    library_versions,
+    sha256_file,
+)
 
 __all__ = ["DistilledSetExporter", "export_distilled_set", "DISTILLED_FORMAT"]
 
@@ -44,18 +51,23 @@ def export_distilled_set(
     seed: int = 0,
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    matcher: Any = None,
 ) -> dict[str, Any]:
     """Render and write the distilled set into ``output_dir``; returns the manifest.
 
+    A fixed real-image baseline (``RealImageSet``: ``random``/``full``) gets the same ``images.npz`` and manifest
+    but no ``distribution.pt``, since there is no distribution to sample from.
+
     Args:
         output_dir: target folder (``<run>/distilled``).
-        parameterization: the trained ``SLFDistribution``/``LatentCodes``.
+        parameterization: the trained ``SLFDistribution``/``LatentCodes``, or a ``RealImageSet``.
         generator: the frozen generator used in training.
         class_names: names of the classes, index = label.
         mode: ``mean`` (default: the strict IPC budget from the means) or ``sample`` (one fixed-seed sample).
         seed: seed of the ``sample`` mode.
         config: the run's configuration values, recorded verbatim.
         extra: more manifest entries (timings, iterations done...).
+        matcher: the matcher used; its ``hyper_parameters()`` are recorded under ``matcher``.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,29 +75,36 @@ def export_distilled_set(
     images_u8 = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     labels_np = labels.detach().cpu().numpy().astype(np.int64)
     atomic_savez(out / "images.npz", images=images_u8, labels=labels_np, class_names=np.asarray(class_names, dtype=str))
-    state = {k: v.detach().cpu() for k, v in parameterization.state_dict().items()}
-    atomic_save_torch(
-        {
-            "format": DISTILLED_FORMAT,
-            "parameterization": type(parameterization).__name__,
-            "hyper_parameters": dict(getattr(parameterization, "hyper_parameters", {}) or {}),
-            "state_dict": state,
-            "num_classes": len(class_names),
-            "ipc": int(parameterization.ipc),
-            "latent_shape": list(generator.latent_shape),
-        },
-        out / "distribution.pt",
-    )
-    files = {
-        name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-        for name in ("images.npz", "distribution.pt")
-    }
+    hyper = dict(getattr(parameterization, "hyper_parameters", {}) or {})
+    ipc = None if parameterization.ipc is None else int(parameterization.ipc)
+    names = ["images.npz"]
+    if not getattr(parameterization, "fixed", False):
+        state = {k: v.detach().cpu() for k, v in parameterization.state_dict().items()}
+        atomic_save_torch(
+            {
+                "format": DISTILLED_FORMAT,
+                "parameterization": type(parameterization).__name__,
+                "hyper_parameters": hyper,
+                "state_dict": state,
+                "num_classes": len(class_names),
+                "ipc": ipc,
+                "latent_shape": list(generator.latent_shape),
+            },
+            out / "distribution.pt",
+        )
+        names.append("distribution.pt")
+    elif (out / "distribution.pt").exists():  # left over from an earlier run into the same folder
+        (out / "distribution.pt").unlink()
+    files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size} for name in names}
     manifest = {
         "format": DISTILLED_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "class_names": list(class_names),
         "num_classes": len(class_names),
-        "ipc": int(parameterization.ipc),
+        "ipc": ipc,
+        "images_per_class": torch.bincount(labels.cpu(), minlength=len(class_names)).tolist(),
+        "parameterization": hyper,
+        "matcher": dict(matcher.hyper_parameters()) if matcher is not None else None,
         "images": {"shape": list(images_u8.shape), "layout": "NHWC", "dtype": "uint8", "render_mode": mode},
         "generator": _generator_record(generator),
         "files": files,
@@ -109,6 +128,7 @@ class DistilledSetExporter:
         config: configuration values recorded in the manifest.
         dataset: dataset description recorded in the manifest (flag, image size, split sizes...).
         mlflow_handler: optional ``MLFlowHandler`` whose run receives the files as artefacts.
+        matcher: the matcher used; its settings go into the manifest and, as ``matcher.<key>`` params, into MLflow.
     """
 
     def __init__(
@@ -122,6 +142,7 @@ class DistilledSetExporter:
         config: Mapping[str, Any] | None = None,
         dataset: Mapping[str, Any] | None = None,
         mlflow_handler: Any = None,
+        matcher: Any = None,
     ) -> None:
         if mode not in ("mean", "sample"):
             raise ValueError(f"export mode must be 'mean' or 'sample', got {mode!r}")
@@ -134,6 +155,7 @@ class DistilledSetExporter:
         self.config = dict(config or {})
         self.dataset = dict(dataset or {})
         self.mlflow_handler = mlflow_handler
+        self.matcher = matcher
         self.logger = logging.getLogger("monai_pld")
         self._start = 0.0
         self._start_iteration = 0
@@ -157,6 +179,7 @@ class DistilledSetExporter:
             mode=self.mode,
             seed=self.seed,
             config=self.config,
+            matcher=self.matcher,
             extra={
                 "dataset": self.dataset,
                 "iterations": int(engine.state.iteration),
@@ -173,7 +196,23 @@ class DistilledSetExporter:
             handler.client.log_artifacts(run_id, str(self.output_dir), artifact_path="distilled")
             for key, value in manifest["timings"].items():
                 handler.client.log_metric(run_id, key, float(value), step=int(engine.state.iteration))
+            self._log_matcher_params(handler, run_id, manifest.get("matcher") or {})
+        per_class = manifest["ipc"] if manifest["ipc"] is not None else "varying"
         self.logger.info(
             f"distilled set written to {self.output_dir}: {manifest['images']['shape'][0]} images "
-            f"({manifest['ipc']} per class, {manifest['num_classes']} classes)"
+            f"({per_class} per class, {manifest['num_classes']} classes)"
         )
+
+    @staticmethod
+    def _log_matcher_params(handler: Any, run_id: str, settings: Mapping[str, Any]) -> None:
+        """The matcher's settings as ``matcher.<key>`` params, skipping keys a resumed run has already logged."""
+        from mlflow.entities import Param
+
+        logged = handler.client.get_run(run_id).data.params
+        params = [
+            Param(f"matcher.{k}", str(v)[:6000])
+            for k, v in flatten_params(settings).items()
+            if f"matcher.{k}" not in logged
+        ]
+        if params:
+            handler.client.log_batch(run_id, params=params)

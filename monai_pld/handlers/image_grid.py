@@ -28,6 +28,17 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, padding: int = 2) -> 
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def first_per_class(images: torch.Tensor, labels: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images of every class, in their original order."""
+    labels_cpu = labels.cpu()
+    rank = torch.zeros_like(labels_cpu)
+    for c in labels_cpu.unique():  # one vectorised cumulative count per class
+        mask = labels_cpu == c
+        rank[mask] = torch.arange(int(mask.sum()))
+    keep = (rank < limit).nonzero().squeeze(1)
+    return images[keep.to(images.device)], labels[keep.to(labels.device)]
+
+
 def save_png(array: np.ndarray, path: str | os.PathLike, upscale: int = 1) -> Path:
     """Atomically write a ``uint8`` HWC (or HW) array as PNG, optionally enlarged by nearest-neighbour upscaling."""
     if array.ndim == 3 and array.shape[2] == 1:
@@ -52,6 +63,7 @@ class SyntheticImageGrid:
         mlflow_handler: optional MONAI ``MLFlowHandler`` of the same run; grids are logged into its run under
             ``grids/`` as soon as they are written, so they show in the MLflow UI during the run.
         upscale: nearest-neighbour enlargement of small images (28 px) for viewing.
+        max_per_class: at most this many images of each class are shown (the ``full`` baseline has thousands).
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class SyntheticImageGrid:
         mode: str = "mean",
         mlflow_handler: Any = None,
         upscale: int = 2,
+        max_per_class: int = 20,
     ) -> None:
         if interval < 1:
             raise ValueError(f"grid interval must be >= 1, got {interval}")
@@ -73,6 +86,7 @@ class SyntheticImageGrid:
         self.mode = mode
         self.mlflow_handler = mlflow_handler
         self.upscale = upscale
+        self.max_per_class = int(max_per_class)
         self.logger = logging.getLogger("monai_pld")
 
     def attach(self, engine: Engine) -> None:
@@ -84,6 +98,7 @@ class SyntheticImageGrid:
         if path.exists():  # COMPLETED right after an interval iteration
             return
         images, labels = self.parameterization.render(self.generator, mode=self.mode)
+        images, labels = first_per_class(images, labels, self.max_per_class)
         save_png(image_grid(images, labels), path, upscale=self.upscale)
         handler = self.mlflow_handler
         if handler is not None and getattr(handler, "cur_run", None) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,14 @@ class Matcher(nn.Module, ABC):
             raise ValueError(
                 f"{name} labels must lie in [0, {self.num_classes}), got {int(labels.min())}..{int(labels.max())}"
             )
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The matcher's settings, recorded in the manifest and as MLflow params (JSON-serialisable values)."""
+        return {"seed": self.seed}
+
+    def metrics(self) -> dict[str, float]:
+        """Values to log after every step besides the loss (e.g. MTT's learnt student learning rate)."""
+        return {}
 
     @abstractmethod
     def loss(

@@ -1,0 +1,155 @@
+"""The experimental matrix through the real bundle: every matcher x parameterisation, and the real-image baselines,
+each a few iterations of `bundles/pathmnist/train.yaml` on tiny synthetic data, run in-process with MONAI's
+``ConfigWorkflow`` (the same code path as ``python -m monai.bundle run``)."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import write_medmnist_npz
+from monai.bundle import ConfigWorkflow
+
+from monai_pld.builders import select_initial_indices
+from monai_pld.data import load_medmnist
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "pathmnist"
+
+# tiny and fast: 9 classes x 8 training images, a narrow matching network, short matcher loops
+TINY = {
+    "ipc": 2,
+    "iterations": 3,
+    "batch_real_per_class": 4,
+    "generator_epochs": 1,
+    "log_interval": 1,
+    "grid_interval": 3,
+    "checkpoint_interval": 3,
+    "device": "cpu",
+    "download": False,
+    "matching_net_width": 16,
+    "matching_net_depth": 2,
+    "dc_loops": [2, 1],
+    "dc_batch_train": 8,
+    "mtt_syn_steps": 3,
+    "mtt_expert_epochs": 1,
+    "mtt_max_start_epoch": 1,
+}
+
+
+def run_config(config_file, **overrides):
+    workflow = ConfigWorkflow(config_file=str(config_file), workflow_type="train", logging_file=False, **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data, a shared pretrained generator, and expert trajectories written by the experts bundle."""
+    tmp = tmp_path_factory.mktemp("matrix")
+    data = tmp / "data"
+    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 72, "val": 18, "test": 18})
+    common = {
+        "dataset_dir": str(data),
+        "generator_dir": str(tmp / "generators"),
+        "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+        "expert_dir": str(tmp / "experts"),
+    }
+    mp = pytest.MonkeyPatch()
+    mp.chdir(REPO)  # the bundles' macros are relative to the repository root
+    run_config(
+        BUNDLE / "train_experts.yaml",
+        **{k: v for k, v in common.items() if k != "generator_dir"},
+        num_experts=2,
+        expert_train_epochs=3,
+        expert_batch_size=32,
+        matching_net_width=16,
+        matching_net_depth=2,
+        device="cpu",
+        download=False,
+    )
+    yield tmp, common
+    mp.undo()
+
+
+def _outputs(out: Path):
+    with np.load(out / "distilled" / "images.npz", allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"]
+    manifest = json.loads((out / "distilled" / "manifest.json").read_text())
+    return images, labels, manifest
+
+
+def test_experts_bundle_writes_trajectories(setup):
+    tmp, _ = setup
+    files = sorted((tmp / "experts").glob("expert_*.pt"))
+    assert [f.name for f in files] == ["expert_000.pt", "expert_001.pt"]
+    record = torch.load(files[0], weights_only=True)
+    assert record["trajectory"].shape[0] == 4  # the initial parameters and one copy per epoch
+
+
+@pytest.mark.parametrize("matcher", ["dm", "dc", "mtt"])
+@pytest.mark.parametrize("parameterization", ["slfd", "latent", "pixel"])
+def test_every_matcher_with_every_parameterization(setup, matcher, parameterization):
+    tmp, common = setup
+    out = tmp / f"{matcher}_{parameterization}"
+    run_config(
+        BUNDLE / "train.yaml",
+        **common,
+        **TINY,
+        matcher=matcher,
+        parameterization=parameterization,
+        output_dir=str(out),
+        run_name=out.name,
+    )
+    images, labels, manifest = _outputs(out)
+    assert images.shape == (18, 28, 28, 3) and images.dtype == np.uint8
+    assert np.array_equal(labels, np.repeat(np.arange(9), 2))
+    assert (out / "distilled" / "distribution.pt").is_file() and list((out / "grids").glob("*.png"))
+    assert manifest["iterations"] == 3 and manifest["config"]["matcher"] == matcher
+    assert manifest["parameterization"]["kind"] == parameterization
+    # the matcher's own settings are recorded in the manifest and as MLflow params
+    settings = manifest["matcher"]
+    assert settings is not None
+    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
+    run = client.search_runs(
+        [client.get_experiment_by_name("monai_pld").experiment_id],
+        filter_string=f"attributes.run_name = '{out.name}'",
+    )[0]
+    assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    assert any(k.startswith("matcher.") for k in run.data.params)
+    if matcher == "dc":
+        assert settings["loops"] in ([2, 1], (2, 1)) or settings.get("outer_loop") == 2
+    if matcher == "mtt":
+        assert "syn_lr" in run.data.metrics  # the learnt student learning rate is tracked
+        assert settings["syn_steps"] == 3
+
+
+@pytest.mark.parametrize("baseline", ["random", "full"])
+def test_real_image_baselines_give_the_same_kind_of_output(setup, baseline):
+    tmp, common = setup
+    out = tmp / baseline
+    run_config(
+        BUNDLE / "train.yaml", **common, **TINY, parameterization=baseline, output_dir=str(out), run_name=baseline
+    )
+    images, labels, manifest = _outputs(out)
+    train = load_medmnist("pathmnist", "train", common["dataset_dir"], download=False)
+    real = train.images.permute(0, 2, 3, 1).numpy()
+    if baseline == "full":
+        assert np.array_equal(images, real) and np.array_equal(labels, train.labels.numpy())
+        assert manifest["ipc"] == 8
+    else:
+        assert images.shape == (18, 28, 28, 3) and np.array_equal(labels, np.repeat(np.arange(9), 2))
+        # every image is a real training image of its class, none repeats, and they are exactly the seeded choice
+        # that initialises the slots of the learnable parameterisations
+        for image, label in zip(images, labels, strict=True):
+            matches = np.flatnonzero((real == image).all(axis=(1, 2, 3)))
+            assert matches.size and (train.labels.numpy()[matches] == label).all()
+        assert len({img.tobytes() for img in images}) == 18
+        order, _ = select_initial_indices(train, 2, seed=0)
+        assert np.array_equal(images, real[order.numpy()])
+    assert not (out / "distilled" / "distribution.pt").exists()
+    assert manifest["parameterization"]["kind"] == baseline and manifest["iterations"] == 1
