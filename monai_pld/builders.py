@@ -198,7 +198,7 @@ def build_matcher(
     from monai_pld.matching.gradient import GradientMatcher
     from monai_pld.matching.trajectory import TrajectoryMatcher
 
-    mean, std = dataset.channel_stats()
+    mean, std = dataset.normalization()
     common = {"mean": mean, "std": std, "seed": seed}
     shape = (dataset.channels, dataset.num_classes, dataset.image_size)
     classes = {"dm": DistributionMatcher, "dc": GradientMatcher, "mtt": TrajectoryMatcher}

@@ -153,3 +153,78 @@ def test_real_image_baselines_give_the_same_kind_of_output(setup, baseline):
         assert np.array_equal(images, real[order.numpy()])
     assert not (out / "distilled" / "distribution.pt").exists()
     assert manifest["parameterization"]["kind"] == baseline and manifest["iterations"] == 1
+
+
+def test_external_generator_by_override(setup, tmp_path):
+    """A user's own decoder (TorchScript) replaces the pretrained generator through one config override."""
+    _, common = setup
+    decoder = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(4, 3, 4, stride=4), torch.nn.Tanh()
+    )  # (4, 7, 7) -> (3, 28, 28) in [-1, 1]
+    scripted = torch.jit.script(decoder)
+    path = tmp_path / "decoder.ts"
+    scripted.save(str(path))
+    out = tmp_path / "external"
+    generator = {
+        "_target_": "monai_pld.networks.ExternalGenerator",
+        "decoder": str(path),
+        "latent_shape": [4, 7, 7],
+        "image_shape": [3, 28, 28],
+        "output_range": [-1, 1],
+    }
+    run_config(
+        BUNDLE / "train.yaml", **common, **TINY, **{"train#generator": generator}, output_dir=str(out), run_name="ext"
+    )
+    images, _, manifest = _outputs(out)
+    assert images.shape == (18, 28, 28, 3)
+    assert manifest["generator"]["class"] == "ExternalGenerator" and manifest["generator"]["latent_shape"] == [4, 7, 7]
+
+
+def test_cifar10_bundle_with_a_preset(tmp_path, monkeypatch):
+    """CIFAR-10 through its own bundle, composed with the IPC 1 preset, on a tiny copy of the torchvision layout;
+    the generator is pretrained for 32 px on first use."""
+    from test_data_natural import write_cifar
+
+    write_cifar(tmp_path / "data", per_batch=20)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "cifar"
+    files = [
+        str(REPO / "bundles" / "cifar10" / "train.yaml"),
+        str(REPO / "bundles" / "cifar10" / "presets" / "ipc1.yaml"),
+    ]
+    workflow = ConfigWorkflow(
+        config_file=files,
+        workflow_type="train",
+        logging_file=False,
+        dataset_dir=str(tmp_path / "data"),
+        generator_dir=str(tmp_path / "generators"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+        output_dir=str(out),
+        **{k: v for k, v in TINY.items() if k != "ipc"},
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    images, labels, manifest = _outputs(out)
+    assert images.shape == (10, 32, 32, 3) and manifest["ipc"] == 1
+    assert manifest["config"]["dataset_flag"] == "cifar10"
+    assert (tmp_path / "generators" / "cifar10_32px_autoencoderkl.pt").is_file()
+    assert manifest["generator"]["latent_shape"] == [4, 8, 8]
+
+
+def test_imagenet_subset_bundle(tmp_path, monkeypatch):
+    from test_data_natural import write_subset
+
+    write_subset(tmp_path / "data", per_class=3)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "imagenette"
+    run_config(
+        REPO / "bundles" / "imagenet_subsets" / "train.yaml",
+        dataset_dir=str(tmp_path / "data"),
+        generator_dir=str(tmp_path / "generators"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+        output_dir=str(out),
+        **{**TINY, "image_size": 32, "ipc": 1, "matching_net_depth": 2},
+    )
+    images, labels, manifest = _outputs(out)
+    assert images.shape == (10, 32, 32, 3) and manifest["config"]["dataset_flag"] == "imagenette"

@@ -80,3 +80,9 @@ class ImageSet:
         index = torch.linspace(0, n - 1, min(n, max_images)).long() if n > max_images else None
         x = self.float_images(index).double().transpose(0, 1).reshape(self.channels, -1)
         return x.mean(1).tolist(), x.std(1, unbiased=False).tolist()
+
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std for standardising inputs, as matchers and experts use them: a constant channel
+        (std below 1e-3) keeps std 1, so it is centred but not divided by zero."""
+        mean, std = self.channel_stats()
+        return mean, [s if s > 1e-3 else 1.0 for s in std]

@@ -112,7 +112,7 @@ def train_experts(
         batch_size: training batch size.
         model, model_kwargs: classifier registry name and arguments (the matching network of the bundle).
         dsa_strategy: per-sample DSA applied to every batch; ``None``/``""`` disables it.
-        mean, std: per-channel normalisation (default: the dataset's statistics, as the matchers use).
+        mean, std: per-channel normalisation (default: ``dataset.normalization()``, as the matchers use).
         seed: seeds every expert's initialisation, batch order and augmentation.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         log_interval: epochs between progress lines.
@@ -134,7 +134,7 @@ def train_experts(
         )
     dev = resolve_device(device)
     if mean is None or std is None:
-        mean, std = dataset.channel_stats()
+        mean, std = dataset.normalization()
     settings = _settings(
         dataset, epochs, lr, momentum, weight_decay, batch_size, model, model_kwargs, dsa_strategy, mean, std, seed
     )
