@@ -100,6 +100,21 @@ class Matcher(nn.Module, ABC):
                 f"{name} labels must lie in [0, {self.num_classes}), got {int(labels.min())}..{int(labels.max())}"
             )
 
+    def check_sets(
+        self, syn_images: torch.Tensor, syn_labels: torch.Tensor, real_images: torch.Tensor, real_labels: torch.Tensor
+    ) -> None:
+        """:meth:`check_inputs` on both sets, and that they are on one device.
+
+        Raises:
+            ValueError: naming the set and the problem.
+        """
+        self.check_inputs(syn_images, syn_labels, "synthetic")
+        self.check_inputs(real_images, real_labels, "real")
+        if real_images.device != syn_images.device:
+            raise ValueError(
+                f"real images are on {real_images.device} but synthetic images on {syn_images.device}; move both"
+            )
+
     def hyper_parameters(self) -> dict[str, Any]:
         """The matcher's settings, recorded in the manifest and as MLflow params (JSON-serialisable values)."""
         return {"seed": self.seed}

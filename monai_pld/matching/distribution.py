@@ -110,12 +110,7 @@ class DistributionMatcher(Matcher):
         Raises:
             ValueError: for images or labels of the wrong shape, dtype, device or label range.
         """
-        self.check_inputs(syn_images, syn_labels, "synthetic")
-        self.check_inputs(real_images, real_labels, "real")
-        if real_images.device != syn_images.device:
-            raise ValueError(
-                f"real images are on {real_images.device} but synthetic images on {syn_images.device}; move both"
-            )
+        self.check_sets(syn_images, syn_labels, real_images, real_labels)
         syn_labels, real_labels = syn_labels.long(), real_labels.long()
         net = self.build_embedder(step, syn_images.device)
         dsa_seed = derive_seed(self.seed, step, _AUGMENT_STREAM)

@@ -227,8 +227,7 @@ class TrajectoryMatcher(Matcher):
             UnrollMemoryError: when the unrolled steps cannot fit (before any heavy work).
             ValueError: for images or labels of the wrong shape, dtype, device or label range.
         """
-        self.check_inputs(syn_images, syn_labels, "synthetic")
-        self.check_inputs(real_images, real_labels, "real")
+        self.check_sets(syn_images, syn_labels, real_images, real_labels)
         device = syn_images.device
         batch = len(syn_images) if self.batch_syn is None else min(self.batch_syn, len(syn_images))
         if not self._checked_memory:

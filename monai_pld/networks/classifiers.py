@@ -3,6 +3,11 @@
 ``ConvNet`` is the network of the dataset-distillation literature (conv3x3 -> norm -> activation -> pool, ``depth``
 times, then a linear head), which MONAI does not provide. Its feature size comes from a dummy forward pass, so any
 image size works; the reference code's shape bookkeeping treats 28 px as 32 px and breaks at 28 px RGB.
+
+The cross-architecture backbones follow the evaluation pools of the literature at small image sizes: ``alexnet``
+and ``vgg11`` (the distillation papers' small-image variants, with pooling skipped once the maps are 1 px, so 28 px
+works), ``resnet18`` (torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 conv, no max-pool), ``vit`` (MONAI's
+ViT with a small patch) and ``densenet121`` (MONAI's, where the image is large enough).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CLASSIFIERS", "ConvNet", "get_classifier"]
+__all__ = ["CLASSIFIERS", "AlexNet", "ConvNet", "VGG11", "get_classifier"]
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -133,9 +138,144 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-CLASSIFIERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+class _FeatureClassifier(nn.Module):
+    """``features`` then a linear head sized by a dummy forward pass; ``embed`` gives the flattened features."""
+
+    def _finish(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        self.features.eval()
+        with torch.no_grad():
+            count = self.features(torch.zeros(1, in_channels, image_size, image_size)).numel()
+        self.features.train()
+        self.num_features = int(count)
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class AlexNet(_FeatureClassifier):
+    """The distillation papers' small-image AlexNet: conv5x5-128, conv5x5-192, conv3x3-256/192/192, three
+    max-pools (skipped when the map is already 1 px), no normalisation unless ``norm`` is given."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, norm: str = "none") -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, channels = image_size, in_channels
+        spec = [
+            (128, 5, 4 if in_channels == 1 else 2, True),
+            (192, 5, 2, True),
+            (256, 3, 1, False),
+            (192, 3, 1, False),
+            (192, 3, 1, True),
+        ]
+        for width, kernel, padding, pool in spec:
+            size = size + 2 * padding - kernel + 1
+            layers += [nn.Conv2d(channels, width, kernel, padding=padding), _norm(norm, width, (size, size)), nn.ReLU()]
+            if pool and size >= 2:
+                layers.append(nn.MaxPool2d(2, 2))
+                size //= 2
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self._finish(in_channels, num_classes, image_size)
+
+
+class VGG11(_FeatureClassifier):
+    """VGG-11 for small images: conv3x3 + instance norm (``norm``) + ReLU, max-pools skipped once maps are 1 px
+    (then the norm is skipped too: normalising a single value per channel is degenerate)."""
+
+    CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, norm: str = "instancenorm") -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, channels = image_size, in_channels
+        for i, item in enumerate(self.CONFIG):
+            if item == "M":
+                if size >= 2:
+                    layers.append(nn.MaxPool2d(2, 2))
+                    size //= 2
+                continue
+            padding = 3 if i == 0 and in_channels == 1 else 1
+            size = size + 2 * padding - 2
+            # instance norm of a 1-px map is degenerate (every value becomes the bias): no norm there
+            layers += [
+                nn.Conv2d(channels, int(item), 3, padding=padding),
+                _norm(norm if size > 1 else "none", int(item), (size, size)),
+                nn.ReLU(),
+            ]
+            channels = int(item)
+        self.features = nn.Sequential(*layers)
+        self._finish(in_channels, num_classes, image_size)
+
+
+def _resnet18(in_channels: int, num_classes: int, image_size: int, norm: str = "instancenorm") -> nn.Module:
+    """torchvision's ResNet-18 with the small-image (CIFAR) stem; instance norm as GroupNorm(C, C) by default."""
+    from torchvision.models import resnet18
+
+    norm_layer = {"instancenorm": lambda c: nn.GroupNorm(c, c), "batchnorm": nn.BatchNorm2d}[norm]
+    net = resnet18(num_classes=num_classes, norm_layer=norm_layer)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+class _ViT(nn.Module):
+    """MONAI's ViT classifier returning logits only (it returns ``(logits, hidden_states)``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        patch_size: int | None = None,
+        hidden_size: int = 256,
+        mlp_dim: int = 512,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        dropout_rate: float = 0.1,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import ViT
+
+        patch = patch_size or max(p for p in (2, 4, 7, 8, 16) if image_size % p == 0 and image_size // p >= 2)
+        self.net = ViT(
+            in_channels=in_channels,
+            img_size=(image_size, image_size),
+            patch_size=(patch, patch),
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            classification=True,
+            num_classes=num_classes,
+            dropout_rate=dropout_rate,
+            spatial_dims=2,
+            post_activation="none",
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
+
+
+def _densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    if image_size < 64:  # stem stride 4 and three 2x transitions: below 64 px the maps vanish
+        raise ValueError(f"densenet121 needs images of at least 64 px, got {image_size}; use it with image_size 64")
+    return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+
+
+CLASSIFIERS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "convnet": (ConvNet, {}),
     "convnetbn": (ConvNet, {"norm": "batchnorm"}),
+    "alexnet": (AlexNet, {}),
+    "vgg11": (VGG11, {}),
+    "resnet18": (_resnet18, {}),
+    "vit": (_ViT, {}),
+    "densenet121": (_densenet121, {}),
 }
 
 
