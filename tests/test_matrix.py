@@ -36,6 +36,8 @@ TINY = {
     "mtt_syn_steps": 3,
     "mtt_expert_epochs": 1,
     "mtt_max_start_epoch": 1,
+    "eval_interval": 2,
+    "eval_epochs": 2,
 }
 
 
@@ -120,6 +122,8 @@ def test_every_matcher_with_every_parameterization(setup, matcher, parameterizat
         filter_string=f"attributes.run_name = '{out.name}'",
     )[0]
     assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    # the validation curve: after iteration 2 and at the end (3)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [2, 3]
     assert any(k.startswith("matcher.") for k in run.data.params)
     if matcher == "dc":
         assert settings["loops"] in ([2, 1], (2, 1)) or settings.get("outer_loop") == 2

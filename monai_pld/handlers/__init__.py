@@ -1,13 +1,15 @@
-"""Ignite/MONAI handlers: progress lines, image grids, distilled-set export, resume."""
+"""Ignite/MONAI handlers: progress lines, image grids, periodic validation, distilled-set export, resume."""
 
 from .export import DistilledSetExporter, export_distilled_set
 from .image_grid import SyntheticImageGrid, image_grid, save_png
+from .periodic_eval import PeriodicEvaluation
 from .progress import ProgressLogger, format_duration
 from .resume import CheckpointError, ResumeFromCheckpoint, latest_checkpoint
 
 __all__ = [
     "CheckpointError",
     "DistilledSetExporter",
+    "PeriodicEvaluation",
     "ProgressLogger",
     "ResumeFromCheckpoint",
     "SyntheticImageGrid",
