@@ -53,7 +53,7 @@ def test_feature_count_pass_leaves_batchnorm_statistics_and_train_mode():
 def test_registry_overrides_and_errors():
     net = get_classifier("ConvNet", 3, 5, 32, width=8, depth=2)
     assert isinstance(net, ConvNet) and net.num_features == 8 * 8 * 8
-    with pytest.raises(ValueError, match=r"unknown classifier 'resnet1000'; known: \['convnet', 'convnetbn'\]"):
+    with pytest.raises(ValueError, match=r"unknown classifier 'resnet1000'; known: \[.*'convnet', 'convnetbn'.*\]"):
         get_classifier("resnet1000", 3, 2, 32)
     with pytest.raises(ValueError, match="norm must be one of"):
         ConvNet(3, 2, 32, norm="weird")
@@ -63,3 +63,17 @@ def test_registry_overrides_and_errors():
         ConvNet(3, 2, 8, depth=5)
     with pytest.raises(ValueError, match="multiple of 4"):
         ConvNet(3, 2, 8, width=6, norm="groupnorm")
+
+
+def test_densenet_needs_64_px():
+    with pytest.raises(ValueError, match="64 px"):
+        get_classifier("densenet121", 3, 9, 28)
+    assert get_classifier("densenet121", 1, 4, 64)(torch.rand(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_vgg_and_alexnet_feature_sizes_follow_the_input():
+    # 32 px: AlexNet's three pools give 4 x 4 x 192; VGG-11's five give 1 x 1 x 512
+    assert get_classifier("alexnet", 3, 10, 32).num_features == 192 * 4 * 4
+    assert get_classifier("vgg11", 3, 10, 32).num_features == 512
+    # 28 px RGB: 28 -> 14 -> 7 -> 3 -> 1, the fifth pool is skipped
+    assert get_classifier("vgg11", 3, 10, 28).num_features == 512
