@@ -58,6 +58,8 @@ TINY = [
     2,
     "--checkpoint_interval",
     2,
+    "--eval_epochs",
+    2,
 ]
 
 
