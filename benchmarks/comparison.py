@@ -1,14 +1,18 @@
 """Side-by-side comparison of every row of a distillation table, on the same data, seeds and evaluation protocol.
 
 Run: python benchmarks/comparison.py --dataset retinamnist --data-dir ../shared/data [--ipc 1 10] [--iterations 300]
-         [--backbones convnet alexnet] [--runs 2] [--epochs 150] [--ablation] [--out docs/comparison]
+         [--backbones convnet alexnet] [--runs 2] [--epochs 150] [--skip-full] [--ablation | --ablation-only]
+         [--synthetic] [--out docs/comparison]
 
 Rows: full, random, pixel, latent, slfd (mean) and slfd (resample: fresh samples every training epoch), all
 distilled with DM for ``--iterations`` steps from the same seeded initial images, then evaluated by training every
 backbone ``--runs`` times from scratch (DC protocol, ``--epochs``) and testing on the real test split. With
-``--ablation`` it also distils SLFD-DM at IPC 10 with rank 0, 1, 4, 8, 16 and KL weights 0, 0.01, 0.1 (ConvNet only).
+``--ablation`` it also distils SLFD-DM at IPC 10 with rank 0, 1, 4, 8, 16 and KL weights 0, 0.01, 0.1 (ConvNet only;
+``--ablation-only`` skips the main table). The ``full`` row trains ``--full-epochs`` epochs ``--full-runs`` times
+(the whole training split costs many batches per epoch). ``--synthetic`` replaces the real data by a generated set
+in RetinaMNIST's layout (five classes of textured blobs with noise; see :func:`synthetic_medmnist`).
 Prints markdown tables (mean +- std per backbone, cross-architecture average over the non-ConvNet backbones) and
-writes a bar chart next to ``--out``.
+writes them, the raw results (``.json``) and a bar chart (``.png``) next to ``--out``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from monai_pld.builders import build_generator, build_matcher, build_optimizer, build_parameterization
@@ -75,11 +81,11 @@ def source_for(row, param, generator, train, ipc, seed):
     return ImageSource(images, labels, {"kind": row}, resample)
 
 
-def evaluate(source, train, test, args, backbones):
+def evaluate(source, train, test, args, backbones, epochs=None, runs=None):
     mean, std = train.normalization()
-    runs = []
+    results = []
     for backbone in backbones:
-        for run in range(args.runs):
+        for run in range(runs or args.runs):
             m = train_and_test(
                 backbone,
                 source,
@@ -87,12 +93,12 @@ def evaluate(source, train, test, args, backbones):
                 mean,
                 std,
                 protocol="dc",
-                epochs=args.epochs,
+                epochs=epochs or args.epochs,
                 seed=derive_seed(args.seed, run),
                 device="cpu",
             )
-            runs.append({"backbone": backbone, "run": run, **m})
-    return summarise(runs)
+            results.append({"backbone": backbone, "run": run, **m})
+    return summarise(results)
 
 
 def fmt(summary, backbones):
@@ -103,6 +109,34 @@ def fmt(summary, backbones):
     cross = summary["cross_architecture_accuracy"]
     cells.append(f"{100 * cross:.1f}" if cross is not None else "")
     return cells
+
+
+def synthetic_medmnist(folder: Path, per_class: int = 120, size: int = 28, seed: int = 0) -> Path:
+    """A five-class set in the MedMNIST npz layout whose classes differ in colour, blob size and texture, under
+    strong per-image noise and random positions, so that it is learnable but not trivially separable."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    colours = np.array([[200, 90, 90], [90, 200, 90], [90, 90, 200], [180, 180, 80], [170, 90, 180]])
+    arrays = {}
+    for split, n in (("train", per_class), ("val", per_class // 5), ("test", per_class // 2)):
+        images, labels = [], []
+        for c in range(5):
+            for _ in range(n):
+                cy, cx = rng.integers(6, size - 6, 2)
+                radius = 4 + c + rng.normal(0, 1.5)
+                blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2).astype(float)
+                stripes = 0.5 + 0.5 * np.sin((xx + yy) * (0.3 + 0.25 * c) + rng.uniform(0, 6.3))
+                background = rng.uniform(60, 120, 3)
+                image = background + blob[..., None] * (colours[c] * stripes[..., None] - background) * 0.6
+                image = image + rng.normal(0, 45, image.shape)
+                images.append(np.clip(image, 0, 255).astype(np.uint8))
+                labels.append(c)
+        order = rng.permutation(len(labels))
+        arrays[f"{split}_images"] = np.stack(images)[order]
+        arrays[f"{split}_labels"] = np.array(labels, np.uint8)[order, None]
+    path = folder / "retinamnist.npz"  # RetinaMNIST's layout (5 classes, 28 px RGB) so the MedMNIST loader reads it
+    np.savez_compressed(path, **arrays)
+    return path
 
 
 def main() -> None:
@@ -118,22 +152,47 @@ def main() -> None:
     parser.add_argument("--generator-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--ablation-only", action="store_true")
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--full-epochs", type=int, default=30)
+    parser.add_argument("--full-runs", type=int, default=1)
+    parser.add_argument("--synthetic", action="store_true", help="generated five-class data instead of --dataset")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/comparison")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.synthetic:
+        args.data_dir = tempfile.mkdtemp(prefix="monai_pld_synth_")
+        synthetic_medmnist(Path(args.data_dir))
+        args.dataset = "retinamnist"
     train = load_dataset(args.dataset, "train", args.data_dir, download=False)
     test = load_dataset(args.dataset, "test", args.data_dir, download=False)
-    generator_path = Path("generators") / f"{args.dataset}_{train.image_size}px_autoencoderkl.pt"
-    header = ["row", "IPC", *args.backbones, "cross-arch (non-ConvNet)", "distil s"]
-    print(
-        f"{args.dataset}: {len(train)} train / {len(test)} test images; DM {args.iterations} iterations, DC "
-        f"protocol {args.epochs} epochs, {args.runs} runs per backbone; {datetime.date.today()}, "
-        f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}\n"
+    generator_path = Path(args.data_dir if args.synthetic else "generators") / (
+        f"{args.dataset}_{train.image_size}px_autoencoderkl.pt"
     )
-    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    header = ["row", "IPC", *args.backbones, "cross-arch (non-ConvNet)", "distil s"]
+    name = "synthetic (RetinaMNIST layout)" if args.synthetic else args.dataset
+    emit(
+        f"{name}: {len(train)} train / {len(test)} test images; DM {args.iterations} iterations, batch_real "
+        f"{args.batch_real}/class; DC protocol {args.epochs} epochs ({args.full_epochs} for full), {args.runs} runs "
+        f"per backbone ({args.full_runs} for full); seed {args.seed}; {datetime.date.today()}, {platform.machine()} "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} thread(s))"
+    )
+    emit()
     table = []
-    for ipc in args.ipc:
+    if not args.ablation_only:
+        emit("| " + " | ".join(header) + " |")
+        emit("|" + " --- |" * len(header))
+    for ipc in [] if args.ablation_only else args.ipc:
         cache: dict[str, tuple] = {}
         rows = ["random", "pixel", "latent", "slfd (mean)", "slfd (resample)"]
         if not args.skip_full and ipc == args.ipc[0]:
@@ -147,27 +206,33 @@ def main() -> None:
                     cache[kind] = distil(kind, train, generator_path, args, ipc)
                 param, generator, seconds = cache[kind]
             source = source_for(row, param, generator, train, ipc, args.seed)
-            summary = evaluate(source, train, test, args, args.backbones)
+            if row == "full":
+                summary = evaluate(source, train, test, args, args.backbones, args.full_epochs, args.full_runs)
+            else:
+                summary = evaluate(source, train, test, args, args.backbones)
             cells = [row, str(ipc if row != "full" else "all"), *fmt(summary, args.backbones), f"{seconds:.0f}"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            emit("| " + " | ".join(cells) + " |")
             table.append({"row": row, "ipc": ipc, "summary": summary, "distil_seconds": seconds})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=2))
-    plot(table, args.backbones, out.with_suffix(".png"), args.dataset)
-    if args.ablation:
-        print("\nAblation, SLFD-DM at IPC 10, ConvNet accuracy (%)\n")
-        print("| rank | KL weight | ConvNet | distil s |\n| --- | --- | --- | --- |")
+            out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=2))
+    if table:
+        plot(table, args.backbones, out.with_suffix(".png"), name)
+    if args.ablation or args.ablation_only:
+        emit()
+        emit("Ablation, SLFD-DM at IPC 10, ConvNet accuracy (%), mean and slfd (resample)")
+        emit()
+        emit("| rank | KL weight | ConvNet (mean) | ConvNet (resample) | distil s |")
+        emit("| --- | --- | --- | --- | --- |")
+        ablation = []
         for rank, kl in [(0, 0.0), (1, 0.0), (4, 0.0), (8, 0.0), (16, 0.0), (8, 0.01), (8, 0.1)]:
             param, generator, seconds = distil("slfd", train, generator_path, args, 10, rank=rank, kl_weight=kl)
-            summary = evaluate(
-                source_for("slfd (mean)", param, generator, train, 10, args.seed), train, test, args, ["convnet"]
-            )
-            v = summary["per_backbone"]["convnet"]
-            print(
-                f"| {rank} | {kl} | {100 * v['accuracy']:.1f} ± {100 * v['accuracy_std']:.1f} | {seconds:.0f} |",
-                flush=True,
-            )
+            cells = []
+            for row in ("slfd (mean)", "slfd (resample)"):
+                source = source_for(row, param, generator, train, 10, args.seed)
+                v = evaluate(source, train, test, args, ["convnet"])["per_backbone"]["convnet"]
+                cells.append(f"{100 * v['accuracy']:.1f} ± {100 * v['accuracy_std']:.1f}")
+                ablation.append({"rank": rank, "kl_weight": kl, "row": row, **v})
+            emit(f"| {rank} | {kl} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
+            out.with_name(out.name + "_ablation.json").write_text(json.dumps(ablation, indent=2))
 
 
 def plot(table, backbones, path, dataset):
