@@ -7,7 +7,14 @@ from .base import ImageSet
 from .cifar import CIFAR10_CLASSES, load_cifar10
 from .imagenet import IMAGENET_SUBSETS, load_imagenet_subset
 from .medmnist import DatasetNotFoundError, default_medmnist_root, load_medmnist, medmnist_filename, medmnist_info
-from .registry import check_dataset, dataset_names, default_data_root, default_image_size, load_dataset
+from .registry import (
+    check_dataset,
+    dataset_attribution,
+    dataset_names,
+    default_data_root,
+    default_image_size,
+    load_dataset,
+)
 from .sampling import ClassBalancedBatches
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageSet",
     "check_dataset",
+    "dataset_attribution",
     "dataset_names",
     "default_data_root",
     "default_image_size",

@@ -33,6 +33,7 @@ from monai_pld.utils import atomic_save_json, atomic_write, derive_seed, resolve
 __all__ = [
     "PROTOCOLS",
     "check_evaluation_config",
+    "default_evaluation_dir",
     "ImageSource",
     "classification_metrics",
     "evaluate_image_set",
@@ -103,8 +104,9 @@ def load_image_source(
 
     Args:
         distilled: ``random`` (``ipc`` seeded real images per class, the same choice that initialises distillation),
-            ``full`` (the training split), a run folder (``<run>`` or ``<run>/distilled``), an ``images.npz``, or a
-            ``distribution.pt``.
+            ``full`` (the training split), a run folder (``<run>`` or ``<run>/distilled``), an ``images.npz``, a
+            ``distribution.pt``, or a shared package (folder or ``.zip``, verified by
+            :func:`monai_pld.export.load_distilled`).
         train: the real training split (baselines, and the class count and image shape to check against).
         ipc: images per class of ``random``.
         seed: seed of ``random`` and of sampled distributions.
@@ -114,7 +116,8 @@ def load_image_source(
         device: where the generator renders.
 
     Raises:
-        ValueError: unknown mode, an unreadable set, or one whose classes or image shape do not match ``train``.
+        ValueError: unknown mode, an unreadable set, or one whose classes or image shape do not match ``train``
+            (``PackageError``, a ``ValueError``, for a package that fails verification).
     """
     from monai_pld.builders import load_distribution, select_initial_indices
 
@@ -126,6 +129,13 @@ def load_image_source(
     if str(distilled) == "full":
         return ImageSource(train.float_images(), train.labels, {"kind": "full", "images": len(train)})
     path = Path(distilled)
+    from monai_pld.export import is_package, load_distilled
+
+    if is_package(path):  # verified (manifest, checksums, labels) before anything is parsed
+        package = load_distilled(path, map_location=resolve_device(device), load_generator=mode != "mean")
+        source = package.image_source(mode, seed)
+        _check_against(source, train, path)
+        return source
     if path.is_dir():
         path = path / "distilled" if (path / "distilled").is_dir() else path
         wants_distribution = mode != "mean" and (path / "distribution.pt").is_file()
@@ -538,6 +548,22 @@ def _log_mlflow(uri: str, experiment: str, run_name: str, header: dict, summary:
     client.set_terminated(run_id)
 
 
+def default_evaluation_dir(distilled: str | os.PathLike, dataset_flag: str, image_size: int, mode: str) -> str:
+    """Where the evaluation of ``distilled`` is written by default: ``<run>/evaluation_<mode>`` for a run folder,
+    ``<package>_evaluation_<mode>`` beside a package or a file (a package must stay exactly as exported), and
+    ``results/baseline_<flag>_<size>px_<name>/evaluation_<mode>`` for ``random``/``full``."""
+    from monai_pld.export import is_package
+
+    name = str(distilled)
+    if name in ("random", "full"):
+        return os.path.join("results", f"baseline_{dataset_flag}_{image_size}px_{name}", f"evaluation_{mode}")
+    path = Path(name)
+    if (path.is_dir() and not is_package(path)) or path.name in ("images.npz", "distribution.pt"):
+        folder = path if path.is_dir() else path.parent  # a run, or a file of its distilled/ folder
+        return str(folder / f"evaluation_{mode}")
+    return str(path.parent / f"{path.name if path.is_dir() else path.stem}_evaluation_{mode}")
+
+
 def check_evaluation_config(
     runs: Any, epochs: Any, backbones: Any, protocol: Any, mode: Any, distilled: Any
 ) -> dict[str, Any]:
@@ -565,7 +591,7 @@ def check_evaluation_config(
         raise ConfigError(f"'mode' must be one of {list(EVAL_MODES)}, got {mode!r}")
     if str(distilled) not in ("random", "full") and not Path(str(distilled)).exists():
         raise ConfigError(
-            f"'distilled' {distilled!r} does not exist; give a run folder, an images.npz, a distribution.pt, "
-            "'random' or 'full'"
+            f"'distilled' {distilled!r} does not exist; give a run folder, an images.npz, a distribution.pt, a "
+            "package (folder or .zip), 'random' or 'full'"
         )
     return {"backbones": [str(b).lower() for b in backbones]}

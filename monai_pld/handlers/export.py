@@ -171,6 +171,10 @@ class DistilledSetExporter:
     def completed(self, engine: Engine) -> None:
         seconds = time.perf_counter() - self._start
         done = engine.state.iteration - self._start_iteration
+        handler = self.mlflow_handler
+        run = getattr(handler, "cur_run", None) if handler is not None else None
+        # recorded so that a later export can attach the shared package to the run that produced the set
+        tracking = {"tracking_uri": str(handler.client.tracking_uri), "run_id": run.info.run_id} if run else None
         manifest = export_distilled_set(
             self.output_dir,
             self.parameterization,
@@ -188,11 +192,11 @@ class DistilledSetExporter:
                     "iterations_this_process": int(done),
                     "seconds_per_iteration": round(seconds / max(done, 1), 4),
                 },
+                "mlflow": tracking,
             },
         )
-        handler = self.mlflow_handler
-        if handler is not None and getattr(handler, "cur_run", None) is not None:
-            run_id = handler.cur_run.info.run_id
+        if run is not None:
+            run_id = run.info.run_id
             handler.client.log_artifacts(run_id, str(self.output_dir), artifact_path="distilled")
             for key, value in manifest["timings"].items():
                 handler.client.log_metric(run_id, key, float(value), step=int(engine.state.iteration))
