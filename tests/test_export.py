@@ -250,9 +250,10 @@ def test_audit_refuses_copies_of_training_images(run, tmp_path):
         config={"dataset_flag": "pathmnist"},
     )
     target = tmp_path / "random_package"
-    with pytest.raises(PrivacyAuditError):
+    with pytest.raises(PrivacyAuditError, match=r"18 of 18 synthetic images are closer.*privacy_audit"):
         export_package(tmp_path / "random", target, train, test, audit_kwargs={"feature_epochs": 0})
-    assert not target.exists()  # nothing written
+    assert not target.exists()  # no package, but the audit is there to look at
+    assert json.loads((tmp_path / "random" / "privacy_audit" / "audit.json").read_text())["exact_copies"] == 18
     forced = export_package(tmp_path / "random", target, train, test, force=True, audit_kwargs={"feature_epochs": 0})
     manifest = json.loads((forced / "manifest.json").read_text())
     assert manifest["privacy_audit"]["performed"] and manifest["privacy_audit"]["forced"]

@@ -308,8 +308,9 @@ def export_package(
 ) -> Path:
     """Write the distilled set of a finished run as a package (a folder, or a ``.zip`` when ``output`` ends so).
 
-    The privacy audit runs first; when it flags near-copies of training images nothing is written unless
-    ``force``. The package appears complete or not at all (written beside ``output`` and renamed into place).
+    The privacy audit runs first and is written to ``<run>/privacy_audit/``; when it flags near-copies of training
+    images no package is written unless ``force``. The package appears complete or not at all (written beside
+    ``output`` and renamed into place, or written to a temporary file and renamed for a ``.zip``).
 
     Args:
         distilled: the run folder (or its ``distilled/``) of a finished ``train.yaml`` run.
@@ -352,16 +353,19 @@ def export_package(
     if audit:
         if train is None or heldout is None:
             raise PackageError("the privacy audit needs the real training split and a held-out split (train, heldout)")
-        from monai_pld.export.privacy import audit_privacy, audit_summary, check_audit, write_audit
+        from monai_pld.export.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
 
         synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, **dict(audit_kwargs or {}))
         result["settings"]["heldout_split"] = heldout_split
-        check_audit(result, force=force)  # refuses before anything is written
-        with tempfile.TemporaryDirectory() as tmp:
-            written = write_audit(result, tmp, synthetic, train)
-            members["privacy/audit.json"] = Path(written["json"]).read_bytes()
-            members["privacy/closest_pairs.png"] = Path(written["png"]).read_bytes()
+        # written beside the distilled set first, so that a refused export still shows what was found
+        written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
+        try:
+            check_audit(result, force=force)  # refuses before anything of the package is written
+        except PrivacyAuditError as e:
+            raise PrivacyAuditError(f"{e}. The audit is in {written['json'].parent}") from None
+        members["privacy/audit.json"] = written["json"].read_bytes()
+        members["privacy/closest_pairs.png"] = written["png"].read_bytes()
         audit_record = {"performed": True, "forced": bool(force and not result["passed"]), **audit_summary(result)}
 
     generator_record = dict(run_manifest.get("generator") or {})
