@@ -319,33 +319,20 @@ def train_and_test(
     test: ImageSet,
     mean: Sequence[float],
     std: Sequence[float],
-    protocol: str = "dc",
-    epochs: int = 300,
-    batch_size: int = 256,
-    lr: float | None = None,
-    dsa_strategy: str | None = "color_crop_cutout_flip_scale_rotate",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Train ``backbone`` from scratch on ``source`` (:func:`train_classifier`) and test it on ``test``.
+    """Train ``backbone`` from scratch on ``source`` and test it on ``test``.
+
+    Args:
+        backbone, source, mean, std: see :func:`train_classifier`.
+        test: the real test split (also gives the class count).
+        settings: :func:`train_classifier`'s keyword arguments (``protocol``, ``epochs``, ``batch_size``, ``lr``,
+            ``dsa_strategy``, ``seed``, ``device``).
 
     Returns:
         ``accuracy``, ``auc``, ``f1``, ``per_class_accuracy``, ``train_seconds``, ``lr``, ``epochs``.
     """
-    net, record = train_classifier(
-        backbone,
-        source,
-        test.num_classes,
-        mean,
-        std,
-        protocol=protocol,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        dsa_strategy=dsa_strategy,
-        seed=seed,
-        device=device,
-    )
+    net, record = train_classifier(backbone, source, test.num_classes, mean, std, **settings)
     dev = next(net.parameters()).device
     mean_t = torch.tensor(list(mean), device=dev).view(1, -1, 1, 1)
     std_t = torch.tensor(list(std), device=dev).view(1, -1, 1, 1)
