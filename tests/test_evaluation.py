@@ -134,3 +134,28 @@ def test_evaluation_bundle_end_to_end(tmp_path, monkeypatch):
         "evaluation/summary.md",
         "evaluation/accuracy.png",
     }
+
+
+def test_default_output_folder_never_writes_into_a_package(tmp_path):
+    from monai_pld.engines.evaluation import default_evaluation_dir
+
+    run = tmp_path / "run"
+    (run / "distilled").mkdir(parents=True)
+    package = tmp_path / "received"
+    package.mkdir()
+    (package / "manifest.json").write_text(json.dumps({"format": "monai_pld.package/1"}))
+    (tmp_path / "shared.zip").write_bytes(b"")
+    assert default_evaluation_dir(run, "pathmnist", 28, "mean") == str(run / "evaluation_mean")
+    assert default_evaluation_dir(run / "distilled" / "images.npz", "pathmnist", 28, "mean") == str(
+        run / "distilled" / "evaluation_mean"
+    )
+    assert default_evaluation_dir(package, "pathmnist", 28, "resample") == str(
+        tmp_path / "received_evaluation_resample"
+    )
+    assert default_evaluation_dir(tmp_path / "shared.zip", "pathmnist", 28, "mean") == str(
+        tmp_path / "shared_evaluation_mean"
+    )
+    assert (
+        default_evaluation_dir("random", "pathmnist", 28, "mean")
+        == "results/baseline_pathmnist_28px_random/evaluation_mean"
+    )
