@@ -300,3 +300,19 @@ def test_unfinished_run_is_refused(tmp_path):
     (tmp_path / "run" / "distilled").mkdir(parents=True)
     with pytest.raises(PackageError, match="not a finished distillation output"):
         export_package(tmp_path / "run", tmp_path / "pkg", audit=False)
+
+
+def test_pixel_package_renders_without_shipping_a_generator(tmp_path):
+    from monai_pld.networks.latent_distribution import LatentCodes
+
+    codes = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    param = LatentCodes(codes, torch.tensor([0, 0, 1, 1]), 2)
+    param.hyper_parameters = {"kind": "pixel", "ipc": 2, "init": "real", "seed": 0}
+    export_distilled_set(tmp_path / "run" / "distilled", param, PixelGenerator((3, 16, 16)), ["a", "b"])
+    path = export_package(tmp_path / "run", tmp_path / "pkg", audit=False)
+    assert "generator.pt" not in json.loads((path / "manifest.json").read_text())["files"]
+    loaded = load_distilled(path)
+    assert loaded.manifest["source"]["licence"].startswith("unknown")  # no dataset recorded: said, not guessed
+    assert isinstance(loaded.generator, PixelGenerator)
+    drawn, labels = loaded.image_source("resample").epoch(3)
+    assert torch.allclose(drawn, loaded.images, atol=1 / 255 + 1e-6) and labels.tolist() == [0, 0, 1, 1]

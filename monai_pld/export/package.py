@@ -337,8 +337,6 @@ def export_package(
         PackageError: bad input (no finished run, changed files, generator mismatch, existing output).
         PrivacyAuditError: the audit flagged near-copies and ``force`` is false.
     """
-    from monai_pld.data import dataset_attribution
-
     folder, run_manifest = read_distilled_folder(distilled)
     output = Path(output)
     as_zip = output.suffix.lower() == ".zip"
@@ -430,8 +428,12 @@ def export_package(
             "iterations": run_manifest.get("iterations"),
             "matcher_settings": run_manifest.get("matcher"),
         },
-        "source": {"dataset_flag": flag, "image_size": config.get("image_size", height), **dataset_attribution(flag)},
-        "generator": {k: v for k, v in generator_record.items() if k != "path"} if "generator.pt" in members else None,
+        "source": {"dataset_flag": flag, "image_size": config.get("image_size", height), **_attribution(flag)},
+        # where the generator lives at the sending site means nothing at the receiving one
+        "generator": {
+            **{k: v for k, v in generator_record.items() if k != "path"},
+            "packaged": "generator.pt" in members,
+        },
         "privacy_audit": audit_record,
         "distilled_from": {"run_manifest_sha256": sha256_file(folder / MANIFEST), "mlflow": run_manifest.get("mlflow")},
         "versions": library_versions(),
@@ -449,6 +451,17 @@ def export_package(
     if tracking_uri:
         _log_mlflow(output, run_manifest, tracking_uri, experiment_name)
     return output
+
+
+def _attribution(flag: str) -> dict[str, str]:
+    from monai_pld.data import dataset_attribution
+
+    try:
+        return dataset_attribution(flag)
+    except ValueError:
+        logger.warning(f"the source dataset {flag!r} is not one monai_pld knows: state its licence in the package card")
+        unknown = "unknown: not recorded by monai_pld; state it before sharing"
+        return {"dataset": flag or "unknown", "licence": unknown, "attribution": unknown, "url": ""}
 
 
 def _sha256(data: bytes) -> str:
@@ -685,5 +698,9 @@ def load_distilled(
             generator = read_generator(files["generator.pt"], map_location=map_location)
         except GeneratorCheckpointError as e:
             raise PackageError(f"{label}/generator.pt cannot be used: {e}") from e
+    elif distribution is not None and (manifest.get("generator") or {}).get("class") == "PixelGenerator":
+        from monai_pld.networks.generators import PixelGenerator
+
+        generator = PixelGenerator(manifest["generator"]["latent_shape"])  # the identity: nothing to ship
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
     return DistilledPackage(tensor, torch.from_numpy(labels), names, manifest, path, distribution, generator, files)
