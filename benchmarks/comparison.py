@@ -232,7 +232,10 @@ def main() -> None:
                 cells.append(f"{100 * v['accuracy']:.1f} ± {100 * v['accuracy_std']:.1f}")
                 ablation.append({"rank": rank, "kl_weight": kl, "row": row, **v})
             emit(f"| {rank} | {kl} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
-            out.with_name(out.name + "_ablation.json").write_text(json.dumps(ablation, indent=2))
+            ablation_json = (
+                out.with_suffix(".json") if args.ablation_only else out.with_name(out.name + "_ablation.json")
+            )
+            ablation_json.write_text(json.dumps({"args": vars(args), "rows": ablation}, indent=2))
 
 
 def plot(table, backbones, path, dataset):
