@@ -347,25 +347,7 @@ def export_package(
     config = dict(run_manifest.get("config") or {})
     flag = (run_manifest.get("dataset") or {}).get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
 
-    audit_record: dict[str, Any] = {"performed": False}
-    if audit:
-        if train is None or heldout is None:
-            raise PackageError("the privacy audit needs the real training split and a held-out split (train, heldout)")
-        from monai_pld.export.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
-
-        synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, **dict(audit_kwargs or {}))
-        result["settings"]["heldout_split"] = heldout_split
-        # written beside the distilled set first, so that a refused export still shows what was found
-        written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
-        try:
-            check_audit(result, force=force)  # refuses before anything of the package is written
-        except PrivacyAuditError as e:
-            raise PrivacyAuditError(f"{e}. The audit is in {written['json'].parent}") from None
-        members["privacy/audit.json"] = written["json"].read_bytes()
-        members["privacy/closest_pairs.png"] = written["png"].read_bytes()
-        audit_record = {"performed": True, "forced": bool(force and not result["passed"]), **audit_summary(result)}
-
+    # the cheap checks of the inputs first, the audit (minutes on a large training split) after them
     generator_record = dict(run_manifest.get("generator") or {})
     has_distribution = include_distribution and (folder / "distribution.pt").is_file()
     if has_distribution:
@@ -388,6 +370,25 @@ def export_package(
             logger.warning(
                 f"the generator {generator_record.get('class')} is not packaged (only AutoencoderKL weights are)"
             )
+
+    audit_record: dict[str, Any] = {"performed": False}
+    if audit:
+        if train is None or heldout is None:
+            raise PackageError("the privacy audit needs the real training split and a held-out split (train, heldout)")
+        from monai_pld.export.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
+
+        synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, **dict(audit_kwargs or {}))
+        result["settings"]["heldout_split"] = heldout_split
+        # written beside the distilled set first, so that a refused export still shows what was found
+        written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
+        try:
+            check_audit(result, force=force)  # refuses before anything of the package is written
+        except PrivacyAuditError as e:
+            raise PrivacyAuditError(f"{e}. The audit is in {written['json'].parent}") from None
+        members["privacy/audit.json"] = written["json"].read_bytes()
+        members["privacy/closest_pairs.png"] = written["png"].read_bytes()
+        audit_record = {"performed": True, "forced": bool(force and not result["passed"]), **audit_summary(result)}
 
     stems = [class_stem(i, n) for i, n in enumerate(names)]
     for c, stem in enumerate(stems):
