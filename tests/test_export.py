@@ -258,7 +258,8 @@ def test_audit_refuses_copies_of_training_images(run, tmp_path):
     manifest = json.loads((forced / "manifest.json").read_text())
     assert manifest["privacy_audit"]["performed"] and manifest["privacy_audit"]["forced"]
     assert manifest["privacy_audit"]["near_copies"] == 18
-    assert "forced" in (forced / "README.md").read_text()
+    card = (forced / "README.md").read_text()
+    assert "forced" in card and "real training images" in card
     assert (forced / "privacy" / "closest_pairs.png").is_file()
 
 

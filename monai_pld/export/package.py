@@ -230,20 +230,33 @@ def _png_bytes(images: np.ndarray, labels: np.ndarray, upscale: int = 2) -> byte
     return buffer.getvalue()
 
 
+def _made_by(manifest: Mapping[str, Any]) -> str:
+    method = manifest["method"]
+    made = f"Made by `monai_pld` {manifest['versions'].get('monai_pld', '?')} on {manifest['created'][:10]}"
+    if method.get("parameterization") in ("random", "full"):
+        return f"{made}: **real training images** (the `{method['parameterization']}` baseline), not synthetic ones."
+    parts = [
+        f"{method['parameterization']} parameterisation" if method.get("parameterization") else None,
+        f"{method['matcher']} matcher" if method.get("matcher") else None,
+        f"IPC {method['ipc']}" if method.get("ipc") is not None else None,
+        f"rank {method['rank']}" if method.get("rank") is not None else None,
+        f"seed {method['seed']}" if method.get("seed") is not None else None,
+        f"{method['iterations']} iterations" if method.get("iterations") is not None else None,
+    ]
+    return f"{made}: {', '.join(p for p in parts if p)}."
+
+
 def _card(manifest: Mapping[str, Any]) -> str:
     source = manifest["source"]
-    method = manifest["method"]
     audit = manifest.get("privacy_audit") or {}
     shape = manifest["images"]
     counts = ", ".join(f"{n} {c}" for n, c in zip(manifest["images_per_class"], manifest["class_names"], strict=True))
     lines = [
         f"# Distilled {source['dataset']} set",
         "",
-        f"{shape['count']} synthetic images ({shape['height']} x {shape['width']} px, {shape['channels']} "
+        f"{shape['count']} images ({shape['height']} x {shape['width']} px, {shape['channels']} "
         f"channel(s)) of {len(manifest['class_names'])} classes: {counts}.",
-        f"Made by `monai_pld` {manifest['versions'].get('monai_pld', '?')} on {manifest['created'][:10]}: "
-        f"{method.get('parameterization')} parameterisation, {method.get('matcher')} matcher, IPC {method.get('ipc')}, "
-        f"seed {method.get('seed')}, {method.get('iterations')} iterations.",
+        _made_by(manifest),
         "",
         "## Source data",
         "",

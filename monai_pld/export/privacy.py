@@ -446,7 +446,7 @@ def _closest_pairs_png(audit: dict[str, Any], synthetic: torch.Tensor, train: Im
         )
     threshold = audit["pixel"]["threshold"]
     fig.suptitle(f"closest pairs (threshold {threshold:.4f})", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.4 * len(order))))  # keep 0.3 inch free for the title
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
