@@ -9,8 +9,9 @@ distilled with ``--matcher`` (DM, or DC with one outer step per network) for ``-
 seeded initial images, then evaluated by training every backbone ``--runs`` times from scratch (DC protocol,
 ``--epochs``) and testing on the real test split. With ``--ablation`` it also distils SLFD-DM at IPC 10 with rank
 0, 1, 4, 8, 16 and KL weights 0, 0.01, 0.1 (ConvNet only; ``--ablation-only`` skips the main table). The ``full``
-row trains ``--full-epochs`` epochs ``--full-runs`` times (the whole training split costs many batches per epoch). ``--synthetic`` replaces the real data by a generated set
-in RetinaMNIST's layout (five classes of textured blobs with noise; see :func:`synthetic_medmnist`).
+row trains ``--full-epochs`` epochs ``--full-runs`` times (the whole training split costs many batches per epoch).
+``--synthetic`` replaces the real data by a generated set in RetinaMNIST's layout (five classes of textured blobs
+with noise; see :func:`synthetic_medmnist`).
 Prints markdown tables (mean +- std per backbone, cross-architecture average over the non-ConvNet backbones) and
 writes them, the raw results (``.json``) and a bar chart (``.png``) next to ``--out``.
 """
