@@ -3,6 +3,7 @@
 Run: python benchmarks/comparison.py --dataset retinamnist --data-dir ../shared/data [--ipc 1 10] [--iterations 300]
          [--matcher dm] [--backbones convnet alexnet] [--runs 2] [--epochs 150] [--skip-full]
          [--ablation | --ablation-only] [--synthetic] [--out docs/comparison]
+     python benchmarks/comparison.py --report docs/comparison/retinamnist_ipc1.json [more .json]   # tables only
 
 Rows: full, random, pixel, latent, slfd (mean) and slfd (resample: fresh samples every training epoch), all
 distilled with ``--matcher`` (DM, or DC with one outer step per network) for ``--iterations`` steps from the same
@@ -114,6 +115,25 @@ def fmt(summary, backbones):
     return cells
 
 
+def report(paths: list[str]) -> None:
+    """Tables of accuracy, macro AUC and macro F1 (mean over runs, and over the non-ConvNet backbones) from the
+    ``.json`` files of earlier runs."""
+    rows = [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
+    backbones = list(rows[0]["summary"]["per_backbone"])
+    for key, scale, name in (("accuracy", 100, "accuracy (%)"), ("auc", 1, "macro AUC"), ("f1", 1, "macro F1")):
+        digits = 1 if scale == 100 else 3
+        print(f"\n{name}, mean ± std over runs\n")
+        print("| row | IPC | " + " | ".join(backbones) + " | cross-arch (non-ConvNet) |")
+        print("|" + " --- |" * (len(backbones) + 3))
+        for row in rows:
+            per = row["summary"]["per_backbone"]
+            cells = [f"{scale * per[b][key]:.{digits}f} ± {scale * per[b][key + '_std']:.{digits}f}" for b in backbones]
+            cross = [per[b][key] for b in backbones if b != row["summary"]["distil_backbone"]]
+            ipc = "all" if row["row"] == "full" else row["ipc"]
+            cross_cell = f"{scale * statistics.fmean(cross):.{digits}f}" if cross else ""
+            print(f"| {row['row']} | {ipc} | " + " | ".join(cells) + f" | {cross_cell} |")
+
+
 def synthetic_medmnist(folder: Path, per_class: int = 120, size: int = 28, seed: int = 0) -> Path:
     """A five-class set in the MedMNIST npz layout whose classes differ in colour, blob size and texture, under
     strong per-image noise and random positions, so that it is learnable but not trivially separable."""
@@ -163,7 +183,11 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="generated five-class data instead of --dataset")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/comparison")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="only print the tables of earlier runs' .json")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     torch.set_num_threads(args.threads)
     if args.synthetic:
         args.data_dir = tempfile.mkdtemp(prefix="monai_pld_synth_")
