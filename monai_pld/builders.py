@@ -14,7 +14,7 @@ from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import LatentGenerator, PixelGenerator
 from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
 from monai_pld.networks.real_images import BASELINES, RealImageSet
-from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, resolve_device
+from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, derive_seed, resolve_device
 
 __all__ = [
     "build_generator",
@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monai_pld")
+_NETWORK_INIT_STREAM = 1  # derive_seed(seed, 1): the SLFD network initialisation
 
 
 def build_generator(
@@ -155,15 +156,18 @@ def build_parameterization(
         param: torch.nn.Module = LatentCodes(codes, labels, dataset.num_classes)
     else:
         prior = class_latent_prior(generator, dataset, seed=seed) if kl_weight > 0 else None
-        param = SLFDistribution(
-            codes,
-            labels,
-            dataset.num_classes,
-            rank=rank,
-            hidden_channels=hidden_channels,
-            class_prior=prior,
-            **slfd_kwargs,
-        )
+        # the lightweight network's initial weights come from the seed, not from whatever the global RNG holds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, _NETWORK_INIT_STREAM))
+            param = SLFDistribution(
+                codes,
+                labels,
+                dataset.num_classes,
+                rank=rank,
+                hidden_channels=hidden_channels,
+                class_prior=prior,
+                **slfd_kwargs,
+            )
         hyper.update({"rank": int(rank), "hidden_channels": int(hidden_channels), **slfd_kwargs})
     param.hyper_parameters = hyper
     return param

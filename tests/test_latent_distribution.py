@@ -373,3 +373,21 @@ def test_state_dict_round_trip(tmp_path):
     restored_codes = LatentCodes(torch.zeros_like(codes), labels, 2)
     restored_codes.load_state_dict(torch.load(path, weights_only=True))
     assert torch.equal(restored_codes.mean(), codes)
+
+
+def test_builder_seeds_the_network_whatever_the_global_rng_holds():
+    from monai_pld.builders import build_parameterization
+    from monai_pld.data import ImageSet
+    from monai_pld.networks.generators import PixelGenerator
+
+    gen = torch.Generator().manual_seed(0)
+    data = ImageSet(
+        torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(12) % 3, list("abc")
+    )
+    built = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(global_seed)
+        param = build_parameterization("slfd", PixelGenerator((3, 8, 8)), data, ipc=2, seed=seed)
+        built.append({k: v for k, v in param.state_dict().items() if k not in ("codes", "labels")})  # the network
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])  # another global state, the same network
+    assert not all(torch.equal(built[0][k], built[2][k]) for k in built[0])  # another seed, another network
