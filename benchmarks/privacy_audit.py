@@ -1,16 +1,18 @@
 """What the privacy audit says about real distilled sets, and what it costs.
 
-Run: python benchmarks/privacy_audit.py --data-dir ../shared/data [--iterations 200] [--threads 1] [--scale]
+Run: python benchmarks/privacy_audit.py --data-dir ../shared/data [--iterations 2 200] [--threads 1] [--scale]
 
 Verdicts (RetinaMNIST, the real file): the ``random`` baseline (IPC 10 real training images: the audit must flag
-them), and DM-distilled sets at IPC 10 from the same seeded real initialisation (``pixel``, ``latent``, ``slfd``) and
+them), and DM-distilled sets at IPC 10 from the same seeded real initialisation (``pixel``, ``latent``, ``slfd``)
+after each of ``--iterations`` (a barely trained set, still close to its initial real images, and a finished one), and
 ``slfd`` initialised from noise. Every set is audited with the export defaults (5th percentile of the held-out test
-images, ConvNet features after 3 epochs) and reported as near-copies, exact copies, the smallest RMS distance to a
+images, ConvNet features after one epoch) and reported as near-copies, exact copies, the smallest RMS distance to a
 training image against the threshold, and the membership-inference AUC in pixel and feature space.
 
 With ``--scale`` it also times the audit at PathMNIST's size (89,996 training and 7,180 test images of 3 x 28 x 28,
-90 synthetic images; random pixels, since the cost does not depend on them) with the default subsets
-(``max_reference`` 20,000, ``max_heldout`` 2,000) and with every training image as reference.
+90 synthetic images; random pixels, since the cost does not depend on them): the defaults (every training image as
+reference, 2,000 held-out images, the feature network one epoch on 20,000 images), pixels only, and pixels against
+a 20,000-image reference sample.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from monai_pld.engines import DistillationTrainer
 from monai_pld.export.privacy import audit_privacy
 
 
-def distilled_set(kind: str, init: str, train: ImageSet, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def distilled_set(
+    kind: str, init: str, iterations: int, train: ImageSet, args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The uint8 images of one row, rendered from the means as the exporter does."""
     generator = build_generator(
         "pixel" if kind in ("pixel", "random") else kind,
@@ -47,7 +51,7 @@ def distilled_set(kind: str, init: str, train: ImageSet, args: argparse.Namespac
     if kind != "random":
         trainer = DistillationTrainer(
             "cpu",
-            args.iterations,
+            iterations,
             ClassBalancedBatches(train, 64, args.seed),
             param,
             generator,
@@ -64,20 +68,23 @@ def verdicts(args: argparse.Namespace) -> None:
     train = load_dataset("retinamnist", "train", args.data_dir, download=False)
     test = load_dataset("retinamnist", "test", args.data_dir, download=False)
     print(
-        f"\nRetinaMNIST ({len(train)} train / {len(test)} test), IPC {args.ipc}, DM {args.iterations} iterations, "
-        "audit defaults (5th percentile of held-out test images, ConvNet features, 3 epochs)\n"
+        f"\nRetinaMNIST ({len(train)} train / {len(test)} test), IPC {args.ipc}, DM, audit defaults (5th percentile of "
+        "held-out test images, ConvNet features after one epoch)\n"
     )
     print(
-        "| set | init | near-copies (pixel) | exact copies | min RMS distance | threshold | flagged in feature space "
-        "| membership AUC (pixel / feature) | audit s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| set | init | DM iterations | near-copies (pixel) | exact copies | min RMS distance | threshold | flagged in "
+        "feature space | membership AUC (pixel / feature) | audit s |\n|" + " --- |" * 10
     )
-    for kind, init in (("random", "real"), ("pixel", "real"), ("latent", "real"), ("slfd", "real"), ("slfd", "noise")):
-        images, labels = distilled_set(kind, init, train, args)
+    rows = [("random", "real", 0)]
+    rows += [(k, i, n) for n in args.iterations for k, i in (("pixel", "real"), ("latent", "real"), ("slfd", "real"))]
+    rows += [("slfd", "noise", max(args.iterations))]
+    for kind, init, iterations in rows:
+        images, labels = distilled_set(kind, init, iterations, train, args)
         start = time.perf_counter()
         audit = audit_privacy(images, labels, train, test, seed=args.seed)
         seconds = time.perf_counter() - start
         print(
-            f"| {kind} | {init} | {audit['near_copies']}/{len(images)} | {audit['exact_copies']} | "
+            f"| {kind} | {init} | {iterations} | {audit['near_copies']}/{len(images)} | {audit['exact_copies']} | "
             f"{audit['pixel']['min_distance']:.4f} | {audit['pixel']['threshold']:.4f} | "
             f"{sum(audit['feature']['flagged'])}/{len(images)} | "
             f"{audit['membership_auc']:.3f} / {audit['membership_auc_feature']:.3f} | {seconds:.1f} |",
@@ -97,20 +104,20 @@ def scale() -> None:
     labels = torch.arange(90) % 9
     print("\nPathMNIST size (89,996 train, 7,180 test, 90 synthetic, 3 x 28 x 28)\n")
     print("| reference images | held-out images | feature epochs | seconds |\n| --- | --- | --- | --- |")
-    for reference, heldout, epochs in ((20000, 2000, 3), (20000, 2000, 0), (None, None, 0)):
+    for reference, heldout, epochs in ((None, 2000, 1), (None, 2000, 0), (20000, 2000, 0)):
         start = time.perf_counter()
         audit_privacy(
             synthetic, labels, train, test, feature_epochs=epochs, max_reference=reference, max_heldout=heldout
         )
         seconds = time.perf_counter() - start
-        print(f"| {reference or 'all 89,996'} | {heldout or 'all 7,180'} | {epochs} | {seconds:.0f} |", flush=True)
+        print(f"| {reference or 'all 89,996'} | {heldout} | {epochs} | {seconds:.0f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("MONAI_PLD_DATA", "../shared/data"))
     parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[2, 200])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", action="store_true")
