@@ -305,7 +305,7 @@ def audit_privacy(
         feature_backbone: classifier registry name of the feature network; it needs an ``embed`` method.
         max_reference: at most this many training images (a seeded random subset) serve as nearest-neighbour
             reference; None (the default) searches every training image, so no near-copy can hide outside a sample
-            (45 s for PathMNIST's 89,996 images on one CPU thread).
+            (14 s for PathMNIST's 89,996 images on one CPU thread).
         feature_train_images: the feature network trains on at most this many training images (a seeded subset);
             None uses all.
         max_heldout: at most this many held-out images (a seeded random subset); the membership test uses as many
