@@ -245,6 +245,12 @@ def main() -> None:
             out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=2))
     if table:
         plot(table, args.backbones, out.with_suffix(".png"), name)
+    if generator_path.is_file():  # how well the generator reconstructs: what bounds every latent row
+        from monai_pld.networks.generators import load_generator
+
+        metadata = load_generator(generator_path).metadata
+        emit()
+        emit(f"generator {generator_path}: validation PSNR {metadata.get('val_psnr', float('nan')):.1f} dB")
     if args.ablation or args.ablation_only:
         emit()
         emit("Ablation, SLFD-DM at IPC 10, ConvNet accuracy (%), mean and slfd (resample)")
