@@ -76,7 +76,8 @@ class DistilledPackage:
         manifest: the package's manifest.
         path: where it was read from.
         distribution: the distilled distribution (``render(generator, mode)``), when the package has one.
-        generator: the generator to render it, when the package has one.
+        generator: the generator to render it, when the package has one (the identity for pixel sets).
+        files: where every member can be read (for a ``.zip``, the verified copies in the extraction folder).
     """
 
     images: torch.Tensor
