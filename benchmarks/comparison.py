@@ -75,14 +75,8 @@ def distil(kind, train, generator_path, args, ipc, rank=8, kl_weight=0.0):
 def source_for(row, param, generator, train, ipc, seed):
     if row in ("full", "random"):
         return load_image_source(row, train, ipc=ipc, seed=seed)
-    images, labels = param.render(generator, "mean")
-    resample = None
-    if row == "slfd (resample)":
-
-        def resample(epoch):
-            return param.render(generator, "sample", seed=derive_seed(seed, epoch))
-
-    return ImageSource(images, labels, {"kind": row}, resample)
+    mode = "resample" if row == "slfd (resample)" else "mean"
+    return ImageSource.from_distribution(param, generator, {"kind": row}, mode, seed)
 
 
 def evaluate(source, train, test, args, backbones, epochs=None, runs=None):

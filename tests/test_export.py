@@ -129,7 +129,7 @@ def test_nifti_files_equal_the_images(package):
 def test_grayscale_nifti_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8, generator=gen)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])  # a class of one image keeps its stack axis too
     export_distilled_set(
         tmp_path / "run" / "distilled",
         RealImageSet(images, labels, 3),
@@ -141,7 +141,7 @@ def test_grayscale_nifti_round_trip(tmp_path):
     for c in range(3):
         (nifti,) = path.glob(f"nifti/class_{c:02d}_*.nii.gz")
         data = np.asanyarray(nib.load(str(nifti)).dataobj)
-        assert data.dtype == np.uint8 and data.shape == (16, 16, 2)
+        assert data.dtype == np.uint8 and data.shape == (16, 16, int((labels == c).sum()))
         assert np.array_equal(read_nifti_stack(nifti)[..., 0], images[labels == c, 0].numpy())
 
 
@@ -215,6 +215,7 @@ def test_evaluation_engine_reads_a_package(run, package, tmp_path):
     for path in (package, zipped):
         source = load_image_source(path, train)
         assert source.images.shape == (18, 3, 28, 28) and source.description["kind"] == "package"
+        assert source.description["package_sha256"] == package_sha256(path)
     resampled = load_image_source(package, train, mode="resample")
     first, _ = resampled.epoch(1)
     second, _ = resampled.epoch(2)
@@ -317,3 +318,12 @@ def test_pixel_package_renders_without_shipping_a_generator(tmp_path):
     assert isinstance(loaded.generator, PixelGenerator)
     drawn, labels = loaded.image_source("resample").epoch(3)
     assert torch.allclose(drawn, loaded.images, atol=1 / 255 + 1e-6) and labels.tolist() == [0, 0, 1, 1]
+
+
+def test_overwrite_replaces_a_package_whole(run, tmp_path):
+    _, _, out = run
+    target = export_package(out, tmp_path / "pkg", audit=False, nifti=False)
+    (target / "stale.txt").write_text("left from before")  # would make the package fail verification
+    export_package(out, target, audit=False, overwrite=True)
+    assert load_distilled(target).manifest["files"].keys() >= {"nifti/class_00_adipose.nii.gz"}
+    assert not (target / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]

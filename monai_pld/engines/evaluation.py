@@ -77,6 +77,22 @@ class ImageSource:
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.resample(epoch) if self.resample is not None else (self.images, self.labels)
 
+    @classmethod
+    def from_distribution(
+        cls, distribution: Any, generator: Any, description: dict[str, Any], mode: str = "mean", seed: int = 0
+    ) -> ImageSource:
+        """Images rendered from a distilled distribution: its means, one draw seeded by ``seed`` (``sample``), or a
+        fresh draw seeded by ``(seed, epoch)`` every epoch (``resample``)."""
+        if mode not in EVAL_MODES:
+            raise ValueError(f"'mode' must be one of {list(EVAL_MODES)}, got {mode!r}")
+
+        def draw(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = distribution.render(generator, "sample", seed=derive_seed(seed, epoch))
+            return x.cpu(), y.cpu()
+
+        images, labels = distribution.render(generator, "sample" if mode != "mean" else "mean", seed=seed)
+        return cls(images.cpu(), labels.cpu(), description, draw if mode == "resample" else None)
+
 
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     try:
@@ -161,15 +177,7 @@ def load_image_source(
         dev = resolve_device(device)
         generator = load_generator(generator_file, map_location=dev)
         param = load_distribution(path, map_location=dev)
-        images, labels = param.render(generator, "sample" if mode != "mean" else "mean", seed=seed)
-        resample = None
-        if mode == "resample":
-
-            def resample(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-                x, y = param.render(generator, "sample", seed=derive_seed(seed, epoch))
-                return x.cpu(), y.cpu()
-
-        source = ImageSource(images.cpu(), labels.cpu(), description, resample)
+        source = ImageSource.from_distribution(param, generator, description, mode, seed)
     _check_against(source, train, path)
     return source
 

@@ -78,6 +78,7 @@ class DistilledPackage:
         distribution: the distilled distribution (``render(generator, mode)``), when the package has one.
         generator: the generator to render it, when the package has one (the identity for pixel sets).
         files: where every member can be read (for a ``.zip``, the verified copies in the extraction folder).
+        sha256: the package's checksum (:func:`package_sha256`).
     """
 
     images: torch.Tensor
@@ -88,6 +89,7 @@ class DistilledPackage:
     distribution: torch.nn.Module | None = None
     generator: torch.nn.Module | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    sha256: str = ""
 
     def image_source(self, mode: str = "mean", seed: int = 0) -> Any:
         """The set as an evaluation :class:`~monai_pld.engines.evaluation.ImageSource`.
@@ -101,7 +103,6 @@ class DistilledPackage:
             PackageError: ``sample``/``resample`` asked of a package without distribution and generator.
         """
         from monai_pld.engines.evaluation import ImageSource
-        from monai_pld.utils import derive_seed
 
         description = {"kind": "package", "path": str(self.path), "mode": mode, "package_sha256": self.sha256}
         if mode == "mean":
@@ -111,18 +112,7 @@ class DistilledPackage:
                 f"{self.path} holds no distribution and generator, so mode {mode!r} cannot draw images; use mode "
                 "'mean', or ask the sender for a package exported with include_distribution and include_generator"
             )
-        distribution, generator = self.distribution, self.generator
-
-        def draw(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = distribution.render(generator, "sample", seed=derive_seed(seed, epoch))
-            return x.cpu(), y.cpu()
-
-        images, labels = distribution.render(generator, "sample", seed=seed)
-        return ImageSource(images.cpu(), labels.cpu(), description, draw if mode == "resample" else None)
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest.get("_sha256", ""))
+        return ImageSource.from_distribution(self.distribution, self.generator, description, mode, seed)
 
 
 def _slug(name: str) -> str:
@@ -213,8 +203,6 @@ def read_nifti_stack(path: str | os.PathLike) -> np.ndarray:
         data = np.stack([data[c] for c in ("R", "G", "B")], axis=-1)
     else:
         data = data[..., None]
-    if data.ndim == 3:  # a single image stored without the stack axis
-        data = data[:, :, None]
     return np.ascontiguousarray(data.transpose(2, 1, 0, 3)).astype(np.uint8)
 
 
@@ -504,12 +492,17 @@ def _write(members: Mapping[str, bytes], output: Path, as_zip: bool) -> None:
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        old = None
+        if output.exists():  # moved aside, not deleted, until the new package is in place
+            old = output.with_name(f".{output.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output, old)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def package_sha256(path: str | os.PathLike) -> str:
@@ -688,8 +681,6 @@ def load_distilled(
             f"{label}/images.npz disagrees with the manifest ({'; '.join(mismatch)}); the package is mislabelled"
         )
 
-    sha = _sha256(members[MANIFEST]) if path.is_dir() else sha256_file(path)
-    manifest["_sha256"] = sha
     folder = path
     if not path.is_dir():
         folder = Path(extract_dir) if extract_dir is not None else Path(tempfile.mkdtemp(prefix="monai_pld_package_"))
@@ -718,4 +709,6 @@ def load_distilled(
 
         generator = PixelGenerator(manifest["generator"]["latent_shape"])  # the identity: nothing to ship
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
-    return DistilledPackage(tensor, torch.from_numpy(labels), names, manifest, path, distribution, generator, files)
+    return DistilledPackage(
+        tensor, torch.from_numpy(labels), names, manifest, path, distribution, generator, files, package_sha256(path)
+    )
