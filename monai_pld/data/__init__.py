@@ -1,10 +1,12 @@
 """Datasets as ``ImageSet`` (uint8, channel-first, labels, class names) and class-balanced real batches.
 
-MedMNIST 2D (any flag), CIFAR-10 and ten-class ImageNet subsets; :func:`load_dataset` dispatches by name.
+MedMNIST 2D (any flag), CIFAR-10, ten-class ImageNet subsets and ``custom`` (a site's own images: an image folder,
+a MONAI datalist, a CSV or an npz); :func:`load_dataset` dispatches by name.
 """
 
 from .base import ImageSet
 from .cifar import CIFAR10_CLASSES, load_cifar10
+from .custom import CUSTOM_FORMATS, DEFAULT_DATA_OPTIONS, check_data_options, load_custom
 from .imagenet import IMAGENET_SUBSETS, load_imagenet_subset
 from .medmnist import DatasetNotFoundError, default_medmnist_root, load_medmnist, medmnist_filename, medmnist_info
 from .registry import (
@@ -19,10 +21,13 @@ from .sampling import ClassBalancedBatches
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "CUSTOM_FORMATS",
+    "DEFAULT_DATA_OPTIONS",
     "IMAGENET_SUBSETS",
     "ClassBalancedBatches",
     "DatasetNotFoundError",
     "ImageSet",
+    "check_data_options",
     "check_dataset",
     "dataset_attribution",
     "dataset_names",
@@ -30,6 +35,7 @@ __all__ = [
     "default_image_size",
     "default_medmnist_root",
     "load_cifar10",
+    "load_custom",
     "load_dataset",
     "load_imagenet_subset",
     "load_medmnist",

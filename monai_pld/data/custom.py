@@ -1,0 +1,360 @@
+"""A site's own labelled 2D images as :class:`ImageSet` splits: an image folder, a MONAI datalist, a CSV or an npz.
+
+``load_custom(split, path, image_size, **options)`` reads one split; the options are the keys of ``data_options``
+(docs/configuration.md). Image files are decoded once (channels converted, 16-bit and float intensities scaled to
+uint8, centre-cropped to square, resized) into one uint8 npz per source and size, keyed by a fingerprint of the
+file list, sizes, mtimes and options, and reused until a file changes. A source with training data only gets a
+stratified, seeded val/test split written to a JSON split file beside the cache, so the same images stay held out
+on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import ImageSet
+from .medmnist import DatasetNotFoundError
+
+__all__ = [
+    "CUSTOM_FORMATS",
+    "DEFAULT_DATA_OPTIONS",
+    "check_data_options",
+    "custom_attribution",
+    "load_custom",
+]
+
+logger = logging.getLogger("monai_pld")
+
+CUSTOM_FORMATS = ("auto", "folder", "datalist", "csv", "npz")
+SPLITS = ("train", "val", "test")
+DEFAULT_DATA_OPTIONS: dict[str, Any] = {
+    "format": "auto",
+    "channels": None,
+    "intensity": "minmax",
+    "csv_path_column": "image",
+    "csv_label_column": "label",
+    "val_fraction": 0.1,
+    "test_fraction": 0.1,
+    "split_seed": 0,
+    "skip_unreadable": False,
+    "allow_outside_root": False,
+    "num_workers": None,
+    "cache_dir": None,
+    "description": "site data",
+    "licence": "site data, not for redistribution",
+}
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    from monai_pld.utils import ConfigError
+
+    raise ConfigError(f"data_options '{key}' must be {expected}, got {value!r}; e.g. --data_options#{key} ...")
+
+
+def check_data_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Every ``data_options`` key checked and completed with its default.
+
+    Raises:
+        ConfigError: an unknown key (with the known ones), or a value of the wrong kind (naming key and value).
+    """
+    from monai_pld.utils import as_bool
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(DEFAULT_DATA_OPTIONS))
+    if unknown:
+        _fail(unknown[0], options[unknown[0]], f"one of the known keys {sorted(DEFAULT_DATA_OPTIONS)} (unknown key)")
+    opts = {**DEFAULT_DATA_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    if opts["format"] not in CUSTOM_FORMATS:
+        _fail("format", opts["format"], f"one of {list(CUSTOM_FORMATS)}")
+    if opts["channels"] not in (None, 1, 3):
+        _fail("channels", opts["channels"], "1 (grey), 3 (RGB) or null (as the first image)")
+    intensity = opts["intensity"]
+    if isinstance(intensity, (list, tuple)):
+        ok = len(intensity) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in intensity)
+        if not ok or not intensity[0] < intensity[1]:
+            _fail("intensity", intensity, "'minmax' or a window [low, high] with low < high")
+        opts["intensity"] = [float(intensity[0]), float(intensity[1])]
+    elif intensity != "minmax":
+        _fail("intensity", intensity, "'minmax' or a window [low, high] with low < high")
+    for key in ("val_fraction", "test_fraction"):
+        v = opts[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            _fail(key, v, "a number in [0, 1)")
+    if opts["val_fraction"] + opts["test_fraction"] >= 1:
+        _fail("val_fraction", opts["val_fraction"], "such that val_fraction + test_fraction < 1")
+    if isinstance(opts["split_seed"], bool) or not isinstance(opts["split_seed"], int) or opts["split_seed"] < 0:
+        _fail("split_seed", opts["split_seed"], "an integer >= 0")
+    nw = opts["num_workers"]
+    if nw is not None and (isinstance(nw, bool) or not isinstance(nw, int) or nw < 0):
+        _fail("num_workers", nw, "an integer >= 0 or null (all cores)")
+    for key in ("skip_unreadable", "allow_outside_root"):
+        opts[key] = as_bool(opts[key], key)
+    for key in ("csv_path_column", "csv_label_column", "description", "licence"):
+        if not isinstance(opts[key], str) or not opts[key]:
+            _fail(key, opts[key], "a non-empty string")
+    return opts
+
+
+def source_format(path: Path, fmt: str = "auto") -> str:
+    """The input form of ``path``: ``fmt`` when given, else from the path (a folder, .json, .csv, .npz)."""
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "folder"
+    by_suffix = {".json": "datalist", ".csv": "csv", ".npz": "npz"}
+    if path.suffix.lower() in by_suffix:
+        return by_suffix[path.suffix.lower()]
+    from monai_pld.utils import ConfigError
+
+    raise ConfigError(
+        f"cannot tell the input form of dataset_dir {str(path)!r}: give an image folder, a .json datalist, a .csv "
+        "or an .npz, or set data_options format to folder | datalist | csv | npz"
+    )
+
+
+def custom_attribution(options: dict[str, Any] | None = None) -> dict[str, str]:
+    """The site's own description and licence (``data_options`` keys ``description``, ``licence``)."""
+    opts = {**DEFAULT_DATA_OPTIONS, **{k: v for k, v in (options or {}).items() if v is not None}}
+    return {
+        "dataset": str(opts["description"]),
+        "licence": str(opts["licence"]),
+        "attribution": str(opts["description"]),
+        "url": "",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits
+
+
+@dataclass
+class _Source:
+    """What a source lists: a key per image (relative path, or ``<split>:<index>`` in an npz), its label, the split
+    the source puts it in (or None), and the class names."""
+
+    keys: list[str]
+    labels: np.ndarray
+    splits: list[str | None]
+    class_names: list[str]
+
+
+def _stratified_holdout(
+    keys: list[str], labels: np.ndarray, fractions: dict[str, float], seed: int
+) -> dict[str, list[str]]:
+    """Per class, a seeded shuffle; the first ``round(n * fraction)`` go to each held-out split, at least one image
+    of every class staying in train."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[str]] = {name: [] for name in fractions}
+    for c in np.unique(labels):
+        index = np.flatnonzero(labels == c)
+        index = index[rng.permutation(len(index))]
+        start = 0
+        for name, fraction in fractions.items():
+            take = min(int(round(len(index) * fraction)), max(len(index) - 1 - start, 0))
+            out[name] += [keys[i] for i in index[start : start + take]]
+            start += take
+    return {name: sorted(v) for name, v in out.items()}
+
+
+def _assign_splits(source: _Source, opts: dict[str, Any], split_file: Path) -> np.ndarray:
+    """The split of every image: the source's own, with missing held-out splits carved out of train through the
+    split file (read when it exists and matches the seed and fractions, else written)."""
+    splits = np.array([s or "train" for s in source.splits], dtype=object)
+    missing = [s for s in ("val", "test") if not np.any(splits == s)]
+    fractions = {s: float(opts[f"{s}_fraction"]) for s in missing if opts[f"{s}_fraction"] > 0}
+    if not fractions:
+        return splits
+    wanted = {"split_seed": opts["split_seed"], "fractions": fractions}
+    held: dict[str, list[str]] | None = None
+    if split_file.is_file():
+        try:
+            record = json.loads(split_file.read_text(encoding="utf-8"))
+            if {k: record.get(k) for k in wanted} == wanted:
+                held = {s: list(record["heldout"][s]) for s in fractions}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning(f"split file {split_file} is unreadable ({e}); writing a new one")
+    train = np.flatnonzero(splits == "train")
+    train_keys = [source.keys[i] for i in train]
+    if held is None:
+        held = _stratified_holdout(train_keys, source.labels[train], fractions, opts["split_seed"])
+        from monai_pld.utils import atomic_save_json
+
+        atomic_save_json({**wanted, "source_images": len(train_keys), "heldout": held}, split_file)
+        logger.info(f"held out {', '.join(f'{len(v)} {s}' for s, v in held.items())} images; split file {split_file}")
+    else:
+        known = set(train_keys)
+        gone = sum(k not in known for v in held.values() for k in v)
+        if gone:
+            logger.warning(f"{gone} held-out images of the split file {split_file} are no longer in the source")
+    position = {k: i for i, k in zip(train, train_keys, strict=True)}
+    for name, names in held.items():
+        for key in names:
+            if key in position:
+                splits[position[key]] = name
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# npz in the MedMNIST layout
+
+
+def _read_npz(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str] | None]:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable npz file ({type(e).__name__}: {e})") from e
+    with npz:
+        if "train_images" not in npz.files or "train_labels" not in npz.files:
+            raise ValueError(
+                f"{path} lacks train_images/train_labels (it has {sorted(npz.files)}); an npz source needs the "
+                "MedMNIST layout: train_images, train_labels and optionally val_* and test_*, class_names"
+            )
+        parts = {}
+        for split in SPLITS:
+            if f"{split}_images" in npz.files:
+                if f"{split}_labels" not in npz.files:
+                    raise ValueError(f"{path} has {split}_images but no {split}_labels")
+                parts[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+        names = [str(n) for n in npz["class_names"].tolist()] if "class_names" in npz.files else None
+    for split, (images, labels) in parts.items():
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{path}: {split}_labels must be {len(images)} integers of shape (N,) or (N, 1), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+        grey, rgb = images.ndim == 3, images.ndim == 4 and images.shape[-1] in (1, 3, 4)
+        if not (grey or rgb) or images.shape[1] < 1 or images.shape[2] < 1:
+            raise ValueError(
+                f"{path}: {split}_images must be grey (N, H, W) or colour (N, H, W, 3), got {images.shape}"
+            )
+        parts[split] = (images if rgb else images[..., None], labels.astype(np.int64))
+    return parts, names
+
+
+def _load_npz(path: Path, split: str, image_size: int | None, opts: dict[str, Any]) -> ImageSet:
+    parts, names = _read_npz(path)
+    high = max((int(labels.max()) for _, labels in parts.values() if len(labels)), default=-1)
+    names = names if names is not None else [str(c) for c in range(high + 1)]
+    for s, (_, labels) in parts.items():
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise ValueError(
+                f"{path}: {s}_labels must lie in [0, {len(names)}) for the {len(names)} entries of class_names, "
+                f"found {labels.min()}..{labels.max()}"
+            )
+    own = [s for s, (_, labels) in parts.items() for _ in range(len(labels))]
+    source = _Source(
+        [f"{s}:{i}" for s, (_, labels) in parts.items() for i in range(len(labels))],
+        np.concatenate([labels for _, labels in parts.values()]),
+        own,
+        names,
+    )
+    splits = _assign_splits(source, opts, _split_file(path, opts))
+    pick = np.flatnonzero(splits == split)
+    if not len(pick):
+        raise ValueError(f"{path} has no {split}_images and {split}_fraction is 0, so there is no {split} split")
+    own_np = np.asarray(own, dtype=object)
+    start = int(np.flatnonzero(own_np == own[pick[0]])[0])
+    part_images = parts[own[pick[0]]][0]
+    if np.all(own_np[pick] == own[pick[0]]):
+        # one part of the file (the usual case): index it without concatenating the others
+        local = pick - start
+        images = part_images if len(local) == len(part_images) else part_images[local]
+    else:
+        images = np.concatenate([im for im, _ in parts.values()])[pick]
+    return _to_imageset(images, source.labels[pick], names, path, split, image_size, opts)
+
+
+def _to_imageset(
+    images: np.ndarray, labels: np.ndarray, names: list[str], path: Path, split: str, size: int | None, opts: dict
+) -> ImageSet:
+    """NHWC arrays to an ImageSet; uint8 at the asked size and channels go straight through (no per-image work)."""
+    if split == "train":
+        _check_classes(labels, names, str(path))
+    native = 3 if images.shape[-1] == 4 else images.shape[-1]
+    channels = opts["channels"] or native
+    size = size or images.shape[1]
+    if images.dtype == np.uint8 and images.shape[1] == images.shape[2] == size and images.shape[-1] == channels:
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    else:
+        tensor = torch.from_numpy(_preprocess_array(images, size, channels, opts, f"{path} {split}"))
+    return ImageSet(tensor, torch.from_numpy(labels), names, "custom")
+
+
+def _check_classes(train_labels: np.ndarray, names: list[str], where: str) -> None:
+    counts = np.bincount(train_labels, minlength=len(names))
+    empty = [f"{c} ({names[c]})" for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(
+            f"{where}: class {', '.join(empty)} has no training images; every class needs training images to be "
+            "distilled: add images of it, or remove the class from the labels"
+        )
+
+
+def _preprocess_array(images: np.ndarray, size: int, channels: int, opts: dict, what: str) -> np.ndarray:
+    from .preprocess import Preprocess
+
+    prep = Preprocess(size, channels, opts["intensity"])
+    out = np.empty((len(images), channels, size, size), dtype=np.uint8)
+    for i in range(len(images)):
+        out[i] = prep(np.moveaxis(images[i], -1, 0))
+    if prep.converted:
+        logger.info(f"{what}: {prep.summary()}")
+    return out
+
+
+def _split_file(source: Path, opts: dict[str, Any]) -> Path:
+    from .cache import cache_folder, fingerprint
+
+    folder = cache_folder(source.parent if source.is_file() else source, opts["cache_dir"])
+    tag = fingerprint([str(source.resolve())])[:8]
+    return folder / f"{source.stem}_{tag}_split_seed{opts['split_seed']}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_custom(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    **options: Any,
+) -> ImageSet:
+    """One split of a site's own images as an :class:`ImageSet` named ``custom``.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        root: an image folder, a MONAI datalist (.json), a CSV or an npz in the MedMNIST layout.
+        image_size: side of the square images (default: the npz's own size; 28 for image files).
+        options: the ``data_options`` keys (see :data:`DEFAULT_DATA_OPTIONS` and docs/configuration.md).
+
+    Raises:
+        DatasetNotFoundError: ``root`` is not given or does not exist.
+        ConfigError: an invalid option.
+        ValueError: a source that cannot be read (names the file or entry and the fix).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    opts = check_data_options(options)
+    if root is None or not Path(root).expanduser().exists():
+        raise DatasetNotFoundError(
+            f"dataset_dir {str(root)!r} does not exist; with dataset_flag custom, point dataset_dir at an image "
+            "folder, a .json datalist, a .csv or an .npz, e.g. --dataset_dir /data/site_images"
+        )
+    path = Path(root).expanduser()
+    fmt = source_format(path, opts["format"])
+    if fmt == "npz":
+        return _load_npz(path, split, image_size, opts)
+    from .files import load_files
+
+    return load_files(path, fmt, split, image_size or 28, opts)
