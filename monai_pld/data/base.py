@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +21,15 @@ class ImageSet:
         labels: ``int64`` tensor ``(N,)`` with values in ``[0, num_classes)``.
         class_names: name of every class, index = label.
         name: dataset name, e.g. ``pathmnist``.
+        source_info: how the images were read, for manifests (custom data: format, cache file, images converted
+            and skipped as unreadable); empty for the public datasets.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     name: str = ""
+    source_info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,27 +62,20 @@ def _as_list(batch: list) -> list:
 
 
 def decode_into(
-    out: np.ndarray,
+    n: int,
     read: Callable[[int], object],
     num_workers: int,
     what: str = "images",
     batch_size: int = 64,
-) -> Iterable[tuple[int, object]]:
-    """Run ``read(i)`` for every ``i < len(out)`` in a torch DataLoader and yield ``(i, result)`` in order.
-
-    A result that is a uint8 array is written to ``out[i]`` before it is yielded; anything else (an error record)
-    is only yielded. Progress is logged every ~10 %.
-    """
-    n = len(out)
+) -> Iterator[tuple[int, object]]:
+    """Run ``read(i)`` for every ``i < n`` in a torch DataLoader with ``num_workers`` processes and yield
+    ``(i, result)`` in order, logging progress (count and rate) every ~10 %."""
     loader = torch.utils.data.DataLoader(
         _Items(n, read), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
     )
     start, done, step = time.perf_counter(), 0, max(batch_size, n // 10)
     for batch in loader:
-        for i, result in batch:
-            if isinstance(result, np.ndarray):
-                out[i] = result
-            yield i, result
+        yield from batch
         before, done = done, done + len(batch)
         if done // step > before // step or done == n:
             rate = done / max(time.perf_counter() - start, 1e-9)
