@@ -7,7 +7,6 @@ folders) or a folder holding only the subset. Images are decoded once with torch
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .base import ImageSet
+from .cache import cache_folder, decode_into, fingerprint, load_or_build
 from .medmnist import DatasetNotFoundError
 
 __all__ = ["IMAGENET_SUBSETS", "default_imagenet_root", "load_imagenet_subset"]
@@ -86,43 +86,26 @@ def _readable_names(root: Path, folders: list[Path]) -> list[str]:
     return [names[p.name] for p in folders]
 
 
-def _cache_dir(root: Path, cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    preferred = root / ".monai_pld_cache"
-    try:
-        preferred.mkdir(exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    return Path("~/.cache/monai_pld").expanduser()
+class _DecodeRGB:
+    """Decode, resize (shorter side) and centre-crop one file with torchvision (module level for DataLoader workers)."""
+
+    def __init__(self, files: list[str], image_size: int) -> None:
+        from torchvision.transforms import v2
+
+        self.files = files
+        self.transform = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+    def __call__(self, i: int) -> np.ndarray:
+        from torchvision.io import ImageReadMode, decode_image
+
+        return self.transform(decode_image(self.files[i], mode=ImageReadMode.RGB)).numpy()
 
 
-def _decode(files: list[str], image_size: int, num_workers: int) -> np.ndarray:
-    """Decode, resize (shorter side) and centre-crop with torchvision, in a DataLoader to use every core."""
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms import v2
-
-    transform = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-
-    class _Files(Dataset):
-        def __len__(self) -> int:
-            return len(files)
-
-        def __getitem__(self, i: int) -> torch.Tensor:
-            return transform(decode_image(files[i], mode=ImageReadMode.RGB))
-
+def _decode(files: list[str], image_size: int, num_workers: int) -> dict[str, np.ndarray]:
     out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
-    loader = DataLoader(_Files(), batch_size=64, num_workers=num_workers)
-    done = 0
-    for batch in loader:
-        out[done : done + len(batch)] = batch.numpy()
-        done += len(batch)
-        if done % 2048 < len(batch) or done == len(files):
-            logger.info(f"decoded {done}/{len(files)} images")
-    return out
+    for i, image in decode_into(len(files), _DecodeRGB(files, image_size), num_workers, "ImageNet images"):
+        out[i] = image
+    return {"images": out}
 
 
 def load_imagenet_subset(
@@ -176,21 +159,14 @@ def load_imagenet_subset(
             raise ValueError(f"class folder {folder} (label {label}) holds no images")
         files += found
         labels += [label] * len(found)
-    fingerprint = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
     cache = (
-        _cache_dir(base, cache_dir)
-        / f"{subset}_{'train' if split == 'val' else split}_{image_size}px_{fingerprint}.npz"
+        cache_folder(base, cache_dir)
+        / f"{subset}_{'train' if split == 'val' else split}_{image_size}px_{fingerprint(files)}.npz"
     )
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as npz:
-            images = npz["images"]
-    else:
+    if not cache.is_file():
         logger.info(f"decoding {len(files)} {subset} {split} images to {image_size} px (cached in {cache})")
-        images = _decode(files, image_size, os.cpu_count() or 1 if num_workers is None else num_workers)
-        from monai_pld.utils import atomic_savez
-
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_savez(cache, images=images)
+    workers = os.cpu_count() or 1 if num_workers is None else num_workers
+    images = load_or_build(cache, lambda: _decode(files, image_size, workers))["images"]
     labels_np = np.asarray(labels, dtype=np.int64)
     if split == "val":
         gen = torch.Generator().manual_seed(0)
