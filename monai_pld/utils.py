@@ -198,6 +198,8 @@ def check_distillation_config(
     mtt_expert_epochs: Any = 3,
     mtt_max_start_epoch: Any = 25,
     mtt_batch_syn: Any = None,
+    dataset_dir: Any = None,
+    data_options: Any = None,
 ) -> dict[str, Any]:
     """Check every distillation config value before any work starts.
 
@@ -229,7 +231,7 @@ def check_distillation_config(
         from monai_pld.data import check_dataset
 
         try:
-            check_dataset(dataset_flag, image_size)
+            check_dataset(dataset_flag, image_size, dataset_dir, data_options)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     _check_number("lr_matcher", lr_matcher, 0.0)

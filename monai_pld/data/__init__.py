@@ -6,7 +6,7 @@ a MONAI datalist, a CSV or an npz); :func:`load_dataset` dispatches by name.
 
 from .base import ImageSet
 from .cifar import CIFAR10_CLASSES, load_cifar10
-from .custom import CUSTOM_FORMATS, DEFAULT_DATA_OPTIONS, check_data_options, load_custom
+from .custom import CUSTOM_FORMATS, DEFAULT_DATA_OPTIONS, check_data_options, load_custom, source_summary
 from .imagenet import IMAGENET_SUBSETS, load_imagenet_subset
 from .medmnist import DatasetNotFoundError, default_medmnist_root, load_medmnist, medmnist_filename, medmnist_info
 from .registry import (
@@ -41,4 +41,5 @@ __all__ = [
     "load_medmnist",
     "medmnist_filename",
     "medmnist_info",
+    "source_summary",
 ]

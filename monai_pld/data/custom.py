@@ -30,6 +30,7 @@ __all__ = [
     "check_data_options",
     "custom_attribution",
     "load_custom",
+    "source_summary",
 ]
 
 logger = logging.getLogger("monai_pld")
@@ -129,6 +130,20 @@ def custom_attribution(options: dict[str, Any] | None = None) -> dict[str, str]:
         "licence": str(opts["licence"]),
         "attribution": str(opts["description"]),
         "url": "",
+    }
+
+
+def source_summary(data: ImageSet) -> dict[str, Any]:
+    """How a split was read, without local paths (which may name patients): the input form, the images listed,
+    the conversions made and how many unreadable images were left out. Empty for the public datasets."""
+    info = data.source_info
+    if not info:
+        return {}
+    return {
+        "format": info.get("format"),
+        "images_listed": info.get("images"),
+        "converted": dict(info.get("converted") or {}),
+        "skipped_unreadable": len(info.get("skipped") or []),
     }
 
 
@@ -284,11 +299,14 @@ def _to_imageset(
     native = 3 if images.shape[-1] == 4 else images.shape[-1]
     channels = opts["channels"] or native
     size = size or images.shape[1]
+    converted: dict[str, int] = {}
     if images.dtype == np.uint8 and images.shape[1] == images.shape[2] == size and images.shape[-1] == channels:
         tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     else:
-        tensor = torch.from_numpy(_preprocess_array(images, size, channels, opts, f"{path} {split}"))
-    return ImageSet(tensor, torch.from_numpy(labels), names, "custom")
+        array, converted = _preprocess_array(images, size, channels, opts, f"{path} {split}")
+        tensor = torch.from_numpy(array)
+    info = {"format": "npz", "images": len(images), "converted": converted, "skipped": []}
+    return ImageSet(tensor, torch.from_numpy(labels), names, "custom", info)
 
 
 def _check_classes(train_labels: np.ndarray, names: list[str], where: str) -> None:
@@ -301,7 +319,9 @@ def _check_classes(train_labels: np.ndarray, names: list[str], where: str) -> No
         )
 
 
-def _preprocess_array(images: np.ndarray, size: int, channels: int, opts: dict, what: str) -> np.ndarray:
+def _preprocess_array(
+    images: np.ndarray, size: int, channels: int, opts: dict, what: str
+) -> tuple[np.ndarray, dict[str, int]]:
     from .preprocess import Preprocess
 
     prep = Preprocess(size, channels, opts["intensity"])
@@ -309,8 +329,8 @@ def _preprocess_array(images: np.ndarray, size: int, channels: int, opts: dict, 
     for i in range(len(images)):
         out[i] = prep(np.moveaxis(images[i], -1, 0))
     if prep.converted:
-        logger.info(f"{what}: {prep.summary()}")
-    return out
+        logger.info(f"{what}: converted {prep.summary()}")
+    return out, dict(prep.converted)
 
 
 def _split_file(source: Path, opts: dict[str, Any]) -> Path:

@@ -235,6 +235,18 @@ def _made_by(manifest: Mapping[str, Any]) -> str:
     return f"{made}: {', '.join(p for p in parts if p)}."
 
 
+def _read_note(read: Mapping[str, Any] | None) -> list[str]:
+    """How a site's own images were read (input form, conversions, unreadable images left out), for the card."""
+    if not read:
+        return []
+    converted = ", ".join(f"{n} {what}" for what, n in sorted((read.get("converted") or {}).items()))
+    return [
+        "",
+        f"Read from a {read.get('format')} source: {read.get('images_listed')} images listed, "
+        f"{read.get('skipped_unreadable', 0)} unreadable left out; converted: {converted or 'none'}.",
+    ]
+
+
 def _card(manifest: Mapping[str, Any]) -> str:
     source = manifest["source"]
     audit = manifest.get("privacy_audit") or {}
@@ -250,7 +262,8 @@ def _card(manifest: Mapping[str, Any]) -> str:
         "## Source data",
         "",
         f"{source['dataset']} (`{source['dataset_flag']}`, {source.get('image_size')} px). Licence: "
-        f"{source['licence']}. Cite: {source['attribution']} ({source['url']})",
+        f"{source['licence']}. Cite: {source['attribution']}" + (f" ({source['url']})" if source.get("url") else ""),
+        *_read_note(source.get("read")),
         "",
         "## Privacy audit",
         "",
@@ -307,6 +320,7 @@ def export_package(
     audit_kwargs: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
     experiment_name: str = "monai_pld",
+    attribution: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the distilled set of a finished run as a package (a folder, or a ``.zip`` when ``output`` ends so).
 
@@ -331,6 +345,9 @@ def export_package(
         tracking_uri: MLflow store; the package is logged into the distillation run recorded in the manifest (or a
             new run ``export_<run>``) with its checksum as tag ``package_sha256``.
         experiment_name: MLflow experiment of a new run.
+        attribution: ``{"dataset", "licence", "attribution", "url"}`` of the source data for the card and manifest
+            (a site's own ``description`` and ``licence`` for custom data); default: what the run's manifest
+            recorded, else :func:`monai_pld.data.dataset_attribution` of its dataset.
 
     Returns:
         the package path.
@@ -347,7 +364,8 @@ def export_package(
     images, labels, names = _read_images(folder / "images.npz", str(folder / "images.npz"))
     members: dict[str, bytes] = {"images.npz": (folder / "images.npz").read_bytes()}
     config = dict(run_manifest.get("config") or {})
-    flag = (run_manifest.get("dataset") or {}).get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
+    dataset_record = dict(run_manifest.get("dataset") or {})
+    flag = dataset_record.get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
 
     # the cheap checks of the inputs first, the audit (minutes on a large training split) after them
     generator_record = dict(run_manifest.get("generator") or {})
@@ -431,7 +449,12 @@ def export_package(
             "iterations": run_manifest.get("iterations"),
             "matcher_settings": run_manifest.get("matcher"),
         },
-        "source": {"dataset_flag": flag, "image_size": config.get("image_size", height), **_attribution(flag)},
+        "source": {
+            "dataset_flag": flag,
+            "image_size": config.get("image_size", height),
+            **(dict(attribution or {}) or (run_manifest.get("dataset") or {}).get("attribution") or _attribution(flag)),
+            **({"read": dataset_record["read"]} if dataset_record.get("read") else {}),
+        },
         # where the generator lives at the sending site means nothing at the receiving one
         "generator": {
             **{k: v for k, v in generator_record.items() if k != "path"},
