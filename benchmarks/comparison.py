@@ -50,7 +50,7 @@ def distil(kind, train, generator_path, args, ipc, rank=8, kl_weight=0.0):
         dataset_dir=args.data_dir,
         image_size=train.image_size,
         download=False,
-        epochs=args.generator_epochs,
+        steps=args.generator_steps,
     )
     param = build_parameterization(kind, generator, train, ipc, rank=rank, seed=args.seed, kl_weight=kl_weight)
     # DC with one outer step per network (GLaD's loops): the reference's 10 x 50 loops at IPC 10 are hours on a CPU
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["convnet", "alexnet", "resnet18"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=150)
-    parser.add_argument("--generator-epochs", type=int, default=8)
+    parser.add_argument("--generator-steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--ablation-only", action="store_true")

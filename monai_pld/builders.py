@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
-from monai_pld.data import ImageSet
+from monai_pld.data import ClassBalancedBatches, ImageSet
+from monai_pld.defaults import OPTIMIZERS, default_learning_rates
+from monai_pld.engines.distillation import DistillationTrainer
 from monai_pld.engines.generator import ensure_generator
 from monai_pld.matching import DistributionMatcher
-from monai_pld.networks.generators import LatentGenerator, PixelGenerator
+from monai_pld.networks.generators import LatentGenerator, PixelGenerator, at_layer
 from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
 from monai_pld.networks.real_images import BASELINES, RealImageSet
 from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, derive_seed, resolve_device
@@ -26,6 +28,7 @@ __all__ = [
     "build_matcher",
     "build_optimizer",
     "load_distribution",
+    "build_trainer",
 ]
 
 logger = logging.getLogger("monai_pld")
@@ -37,21 +40,32 @@ def build_generator(
     dataset: ImageSet,
     generator_path: str | os.PathLike,
     device: str | torch.device = "auto",
+    latent_layer: int = 0,
+    policy: str = "match",
     **pretrain_kwargs: Any,
 ) -> LatentGenerator:
     """The frozen generator for ``parameterization``: the identity for ``pixel`` and the real-image baselines
-    (``random``, ``full``), else the pretrained autoencoder (pretrained first when ``generator_path`` is missing)."""
+    (``random``, ``full``), else the pretrained autoencoder (pretrained first when ``generator_path`` is missing),
+    split at ``latent_layer`` (0: its bottleneck; k: the feature map after decoder block k).
+
+    ``policy`` decides what happens when the file was pretrained with other settings than ``pretrain_kwargs``
+    (see :func:`monai_pld.engines.generator.ensure_generator`)."""
     dev = resolve_device(device)
     if parameterization == "pixel" or parameterization in BASELINES:
         return PixelGenerator((dataset.channels, dataset.image_size, dataset.image_size)).to(dev).freeze()
-    generator = ensure_generator(generator_path, device=dev, **pretrain_kwargs)
+    generator = ensure_generator(
+        generator_path, device=dev, policy=policy, in_channels=dataset.channels, **pretrain_kwargs
+    )
     if tuple(generator.image_shape) != (dataset.channels, dataset.image_size, dataset.image_size):
         raise ConfigError(
             f"generator {generator_path} makes images of shape {tuple(generator.image_shape)} but the data are "
             f"{(dataset.channels, dataset.image_size, dataset.image_size)}; point 'generator_path' at a generator "
             "for this dataset and image_size (or delete the file to pretrain one)"
         )
-    return generator
+    try:
+        return at_layer(generator, int(latent_layer))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def select_initial_indices(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +165,13 @@ def build_parameterization(
         codes = encode_images(generator, images)
     else:
         codes = torch.randn((len(labels), *generator.latent_shape), generator=torch.Generator().manual_seed(seed))
-    hyper: dict[str, Any] = {"kind": kind, "ipc": int(ipc), "init": init, "seed": int(seed)}
+    hyper: dict[str, Any] = {
+        "kind": kind,
+        "ipc": int(ipc),
+        "init": init,
+        "seed": int(seed),
+        "latent_layer": int(getattr(generator, "layer", 0)),
+    }
     if kind in ("latent", "pixel"):
         param: torch.nn.Module = LatentCodes(codes, labels, dataset.num_classes)
     else:
@@ -220,20 +240,36 @@ def build_optimizer(
     lr_network: float = 0.001,
     matcher: torch.nn.Module | None = None,
     lr_matcher: float = 1e-5,
-) -> torch.optim.Optimizer:
-    """Adam with one group for the slot codes, one for the lightweight network (if any) and one for the matcher's
-    learnable parameters (if any, e.g. MTT's student learning rate); ``None`` when nothing is learnable (the
-    real-image baselines)."""
+    optimizer: str = "adam",
+    momentum: float = 0.5,
+) -> torch.optim.Optimizer | None:
+    """One optimiser with a parameter group for the slot codes, one for the lightweight network (if any) and one
+    for the matcher's learnable parameters (if any, e.g. MTT's student learning rate); ``None`` when nothing is
+    learnable (the real-image baselines).
+
+    Args:
+        parameterization: the learnable parameterisation.
+        lr_codes, lr_network, lr_matcher: learning rate of each group (see
+            :func:`monai_pld.defaults.default_learning_rates` for the per-space defaults the bundles use).
+        matcher: the matcher, whose learnable parameters get their own group.
+        optimizer: ``adam`` (default: invariant to the scale of the matching loss, which differs between datasets
+            and matchers) or ``sgd`` (with ``momentum``, as GLaD).
+        momentum: SGD momentum.
+    """
     if not any(p.requires_grad for p in parameterization.parameters()):
         return None
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     codes = [p for n, p in parameterization.named_parameters() if n == "codes"]
     network = [p for n, p in parameterization.named_parameters() if n != "codes"]
-    groups = [{"params": codes, "lr": lr_codes, "name": "codes"}]
+    groups = [{"params": codes, "lr": float(lr_codes), "name": "codes"}]
     if network:
-        groups.append({"params": network, "lr": lr_network, "name": "network"})
+        groups.append({"params": network, "lr": float(lr_network), "name": "network"})
     matcher_params = [p for p in matcher.parameters() if p.requires_grad] if matcher is not None else []
     if matcher_params:
-        groups.append({"params": matcher_params, "lr": lr_matcher, "name": "matcher"})
+        groups.append({"params": matcher_params, "lr": float(lr_matcher), "name": "matcher"})
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=float(momentum))
     return torch.optim.Adam(groups)
 
 
@@ -260,10 +296,108 @@ def load_distribution(path: str | os.PathLike, map_location: str | torch.device 
     if kind in ("latent", "pixel"):
         param: torch.nn.Module = LatentCodes(codes, labels, num_classes)
     elif kind == "slfd":
-        slfd_kwargs = {k: v for k, v in hyper.items() if k not in ("ipc", "init", "seed")}
+        slfd_kwargs = {k: v for k, v in hyper.items() if k not in ("ipc", "init", "seed", "latent_layer")}
         param = SLFDistribution(codes, labels, num_classes, **slfd_kwargs)
     else:
         raise ValueError(f"{path}: unknown parameterisation kind {kind!r}")
     param.load_state_dict(state)
     param.hyper_parameters = {"kind": kind, **hyper}
     return param
+
+
+def build_trainer(
+    dataset: ImageSet,
+    parameterization: str = "slfd",
+    matcher: str = "dm",
+    ipc: int = 10,
+    iterations: int = 600,
+    generator_path: str | os.PathLike | None = None,
+    generator_policy: str = "match",
+    latent_layer: int = 0,
+    rank: int = 8,
+    hidden_channels: int = 32,
+    samples_per_slot: int = 1,
+    antithetic: bool = False,
+    include_mean: bool = True,
+    kl_weight: float = 0.0,
+    init: str = "real",
+    optimizer: str = "adam",
+    momentum: float = 0.5,
+    lr_codes: float | str = "auto",
+    lr_network: float | str = "auto",
+    lr_matcher: float = 1e-5,
+    batch_real_per_class: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    matcher_args: dict[str, Any] | None = None,
+    pretrain: dict[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_interval: int = 50,
+    resume: bool = False,
+    handlers: list[Any] | None = None,
+) -> Any:
+    """A complete :class:`~monai_pld.engines.DistillationTrainer` from configuration values, for Python users and
+    scripts (the bundles wire the same builders one by one).
+
+    ``lr_codes``/``lr_network`` ``"auto"`` take the per-space defaults of :mod:`monai_pld.defaults`; ``pretrain``
+    holds :func:`~monai_pld.engines.generator.pretrain_generator` arguments used when the generator is pretrained
+    (or compared with an existing checkpoint). The trainer keeps ``generator``, ``parameterization``, ``matcher``
+    and ``optimizer`` as attributes.
+
+    Example::
+
+        train = monai_pld.data.load_dataset("retinamnist", "train", "../shared/data", download=False)
+        trainer = build_trainer(train, "slfd", "dm", ipc=10, iterations=200, generator_path="g.pt",
+                                pretrain={"dataset_flag": "retinamnist", "dataset_dir": "../shared/data"})
+        trainer.run()
+        images, labels = trainer.parameterization.render(trainer.generator)
+    """
+    dev = resolve_device(device)
+    auto_codes, auto_network = (
+        default_learning_rates(parameterization, matcher, latent_layer)
+        if (parameterization in PARAMETERIZATIONS)
+        else (0.0, 0.0)
+    )
+    lr_codes = auto_codes if lr_codes == "auto" else float(lr_codes)
+    lr_network = auto_network if lr_network == "auto" else float(lr_network)
+    if generator_path is None:
+        generator_path = os.path.join("generators", f"{dataset.name or 'data'}_{dataset.image_size}px_autoencoderkl.pt")
+    generator = build_generator(
+        parameterization, dataset, generator_path, dev, latent_layer, generator_policy, **dict(pretrain or {})
+    )
+    param = build_parameterization(
+        parameterization,
+        generator,
+        dataset,
+        ipc,
+        rank=rank,
+        seed=seed,
+        hidden_channels=hidden_channels,
+        kl_weight=kl_weight,
+        init=init,
+    )
+    match = build_matcher(
+        matcher, dataset, seed=seed, parameterization=parameterization, ipc=ipc, **dict(matcher_args or {})
+    )
+    opt = build_optimizer(
+        param, lr_codes, lr_network, matcher=match, lr_matcher=lr_matcher, optimizer=optimizer, momentum=momentum
+    )
+    fixed = parameterization in BASELINES
+    return DistillationTrainer(
+        dev,
+        1 if fixed else int(iterations),
+        ClassBalancedBatches(dataset, batch_real_per_class, seed),
+        param,
+        generator,
+        match,
+        opt,
+        samples_per_slot=samples_per_slot,
+        antithetic=antithetic,
+        kl_weight=kl_weight,
+        seed=seed,
+        include_mean=include_mean,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_interval=checkpoint_interval,
+        resume=resume,
+        train_handlers=list(handlers or []),
+    )

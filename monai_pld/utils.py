@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_pld.defaults import OPTIMIZERS, default_learning_rates
+
 __all__ = [
     "ConfigError",
     "as_bool",
@@ -27,6 +29,7 @@ __all__ = [
     "resolve_device",
     "derive_seed",
     "check_distillation_config",
+    "check_generator_settings",
     "flatten_params",
     "MATCHERS",
     "PARAMETERIZATIONS",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 MATCHERS = ("dm", "dc", "mtt")
-PARAMETERIZATIONS = ("slfd", "latent", "pixel")
+PARAMETERIZATIONS = ("slfd", "latent", "pixel")  # monai_pld.defaults keys its learning rates by these
 BASELINES = ("random", "full")
 IMAGE_SIZES = (28, 32, 64, 128, 224)
 
@@ -200,12 +203,22 @@ def check_distillation_config(
     mtt_batch_syn: Any = None,
     dataset_dir: Any = None,
     data_options: Any = None,
+    latent_layer: Any = 0,
+    include_mean: Any = True,
+    optimizer: Any = "adam",
+    momentum: Any = 0.5,
+    generator: Any = None,
 ) -> dict[str, Any]:
     """Check every distillation config value before any work starts.
 
+    ``lr_codes``/``lr_network`` may be ``auto``: the per-space defaults of :mod:`monai_pld.defaults` for this
+    parameterisation, matcher and ``latent_layer``. ``generator`` holds the pretraining settings
+    (``steps``, ``batch_size``, ``lr``, ``kl_weight``, ``augment``, ``policy``...).
+
     Returns:
-        the normalised values (booleans parsed, device resolved to a string) and ``iterations``: the configured
-        number, or 1 for the real-image baselines (``random``/``full``), which have nothing to optimise.
+        the normalised values (booleans parsed, device resolved to a string, learning rates resolved) and
+        ``iterations``: the configured number, or 1 for the real-image baselines (``random``/``full``), which have
+        nothing to optimise.
 
     Raises:
         ConfigError: naming the first offending key, its value and what is accepted.
@@ -249,8 +262,25 @@ def check_distillation_config(
     if mtt_batch_syn is not None:
         _check_int("mtt_batch_syn", mtt_batch_syn, 1)
     _check_number("kl_weight", kl_weight, 0.0)
+    _check_int("latent_layer", latent_layer, 0)
+    if latent_layer and parameterization not in ("slfd", "latent"):
+        raise ConfigError(
+            f"'latent_layer' {latent_layer} splits the generator's decoder, which only the latent parameterisations "
+            f"(slfd, latent) use; set --latent_layer 0 for {parameterization!r}"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
+    _check_number("momentum", momentum, 0.0)
+    if parameterization in PARAMETERIZATIONS:
+        auto_codes, auto_network = default_learning_rates(parameterization, matcher, int(latent_layer))
+    else:
+        auto_codes, auto_network = 1.0, 1.0  # nothing is optimised
+    lr_codes = auto_codes if lr_codes == "auto" else lr_codes
+    lr_network = auto_network if lr_network == "auto" else lr_network
     _check_number("lr_codes", lr_codes, 0.0, strict=True)
     _check_number("lr_network", lr_network, 0.0, strict=True)
+    if generator is not None:
+        check_generator_settings(generator)
     antithetic = as_bool(antithetic, "antithetic")
     if antithetic and samples_per_slot % 2:
         raise ConfigError(f"'samples_per_slot' must be even with antithetic sampling, got {samples_per_slot}")
@@ -260,7 +290,41 @@ def check_distillation_config(
         "antithetic": antithetic,
         "device": str(resolve_device(device)),
         "iterations": 1 if parameterization in BASELINES else int(iterations),
+        "include_mean": as_bool(include_mean, "include_mean"),
+        "lr_codes": float(lr_codes),
+        "lr_network": float(lr_network),
     }
+
+
+def check_generator_settings(settings: Any) -> None:
+    """Check the ``generator_*`` keys (passed as one mapping without the prefix) before anything is read or trained.
+
+    Raises:
+        ConfigError: naming the ``generator_*`` key at fault and what is accepted.
+    """
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"the generator settings must be a mapping, got {settings!r}")
+    network = settings.get("network") or {}
+    for key in ("steps", "batch_size"):
+        if key in settings:
+            _check_int(f"generator_{key}", settings[key], 1)
+    if "seed" in settings:
+        _check_int("generator_seed", settings["seed"], 0)
+    if settings.get("max_train_images") is not None:
+        _check_int("generator_max_train_images", settings["max_train_images"], 1)
+    for key in ("downsamplings", "latent_channels"):
+        if network.get(key) is not None:
+            _check_int(f"generator_{key}", network[key], 1)
+    for key in ("lr", "kl_weight", "min_psnr"):
+        if key in settings:
+            _check_number(f"generator_{key}", settings[key], 0.0)
+    if settings.get("augment", "flip") not in ("flip", "none"):
+        raise ConfigError(f"'generator_augment' must be 'flip' or 'none', got {settings['augment']!r}")
+    if settings.get("policy", "match") not in ("match", "retrain", "any"):
+        raise ConfigError(
+            f"'generator_policy' must be 'match', 'retrain' or 'any', got {settings['policy']!r}; "
+            "match stops when generator_path was made with other settings, retrain replaces it, any uses it as it is"
+        )
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:

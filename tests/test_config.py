@@ -1,6 +1,10 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from monai_pld.defaults import DEFAULT_LEARNING_RATES
 from monai_pld.utils import (
     ConfigError,
     as_bool,
@@ -14,8 +18,57 @@ GOOD = dict(ipc=10, iterations=5, matcher="dm", parameterization="slfd", rank=8,
 
 
 def test_good_config_is_normalised():
-    out = check_distillation_config(**GOOD, resume="true", download="False", device="cpu")
-    assert out == {"resume": True, "download": False, "antithetic": False, "device": "cpu", "iterations": 5}
+    out = check_distillation_config(**GOOD, resume="true", download="False", device="cpu", lr_codes=0.2)
+    assert out == {
+        "resume": True,
+        "download": False,
+        "antithetic": False,
+        "device": "cpu",
+        "iterations": 5,
+        "include_mean": True,
+        "lr_codes": 0.2,
+        "lr_network": 0.001,
+    }
+
+
+@pytest.mark.parametrize("kind,layer", [("pixel", 0), ("latent", 0), ("slfd", 0), ("latent", 2), ("slfd", 3)])
+@pytest.mark.parametrize("matcher", ["dm", "dc", "mtt"])
+def test_auto_learning_rates_are_those_of_the_space(kind, layer, matcher):
+    out = check_distillation_config(
+        **{**GOOD, "parameterization": kind, "matcher": matcher}, latent_layer=layer, lr_codes="auto", lr_network="auto"
+    )
+    space = "pixel" if kind == "pixel" else "feature" if layer else "latent"
+    assert (out["lr_codes"], out["lr_network"]) == DEFAULT_LEARNING_RATES[(space, matcher)]
+
+
+def test_default_learning_rates_are_the_committed_selection():
+    """The table in monai_pld/defaults.py is the output of benchmarks/select_learning_rates.py, committed as data."""
+    chosen = json.loads((Path(__file__).resolve().parents[1] / "docs" / "tuning" / "learning_rates.json").read_text())
+    for entry in chosen["chosen"]:
+        assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
+
+
+def test_latent_layer_is_for_latent_parameterisations_only():
+    with pytest.raises(ConfigError, match="'latent_layer' 2 splits the generator's decoder"):
+        check_distillation_config(**{**GOOD, "parameterization": "pixel"}, latent_layer=2)
+
+
+@pytest.mark.parametrize(
+    "settings,key",
+    [
+        ({"steps": 0}, "generator_steps"),
+        ({"batch_size": 1.5}, "generator_batch_size"),
+        ({"lr": -1}, "generator_lr"),
+        ({"augment": "rotate"}, "generator_augment"),
+        ({"policy": "sometimes"}, "generator_policy"),
+        ({"network": {"downsamplings": 0}}, "generator_downsamplings"),
+        ({"network": {"latent_channels": "4"}}, "generator_latent_channels"),
+        ({"seed": -1}, "generator_seed"),
+    ],
+)
+def test_bad_generator_setting_names_the_key(settings, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        check_distillation_config(**GOOD, generator=settings)
 
 
 @pytest.mark.parametrize("baseline", ["random", "full"])
@@ -71,6 +124,10 @@ def test_dataset_and_image_size_are_checked_together(flag, size, ok):
         ("mtt_max_start_epoch", -1),
         ("mtt_batch_syn", 0),
         ("lr_matcher", -1.0),
+        ("lr_codes", "fast"),
+        ("optimizer", "lbfgs"),
+        ("momentum", -0.5),
+        ("latent_layer", -1),
     ],
 )
 def test_bad_value_names_the_key(key, value):

@@ -10,7 +10,8 @@ from conftest import write_medmnist_npz
 from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, load_medmnist
 from monai_pld.engines import DistillationTrainer, ensure_generator, pretrain_generator, reconstruction_metrics
-from monai_pld.networks.generators import AutoencoderKLGenerator, default_autoencoder_config
+from monai_pld.engines.generator import random_flips, warn_if_blurry
+from monai_pld.networks.generators import AutoencoderKLGenerator, GeneratorCheckpointError, default_autoencoder_config
 
 
 @pytest.fixture(scope="module")
@@ -120,26 +121,73 @@ def test_interrupt_writes_a_final_checkpoint(tiny, tmp_path):
     assert torch.allclose(resumed.parameterization.mean(), whole.parameterization.mean(), atol=1e-6)
 
 
-def test_pretraining_improves_reconstruction_and_is_reused(tiny, tmp_path):
-    folder, data = tiny
-    val = load_medmnist("pathmnist", "val", folder, download=False)
-    torch.manual_seed(0)
-    untrained = reconstruction_metrics(AutoencoderKLGenerator(**default_autoencoder_config(28, 3)), val)
-    path = tmp_path / "g.pt"
+@pytest.fixture(scope="module")
+def pretrained(tiny, tmp_path_factory):
+    folder, _ = tiny
+    path = tmp_path_factory.mktemp("gen") / "g.pt"
     generator = pretrain_generator(
         path,
         "pathmnist",
         str(folder),
-        epochs=20,
+        download=False,
+        steps=60,
         batch_size=8,
         lr=2e-3,
-        tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+        val_interval=30,
+        tracking_uri=f"sqlite:///{path.parent / 'mlruns.db'}",
     )
+    return path, generator
+
+
+def test_pretraining_improves_reconstruction_and_records_its_settings(tiny, pretrained):
+    folder, _ = tiny
+    path, generator = pretrained
+    val = load_medmnist("pathmnist", "val", folder, download=False)
+    torch.manual_seed(0)
+    untrained = reconstruction_metrics(AutoencoderKLGenerator(**default_autoencoder_config(28, 3)), val)
     assert generator.metadata["val_mae"] < 0.5 * untrained["mae"]
-    assert generator.metadata["train_images"] == 72 and generator.metadata["epochs"] == 20
+    assert generator.metadata["val_ssim"] > untrained["ssim"]
+    assert generator.metadata["train_images"] == 72 and generator.metadata["steps"] == 60
+    settings = generator.metadata["settings"]
+    assert settings["steps"] == 60 and settings["batch_size"] == 8 and settings["augment"] == "flip"
+    assert settings["network"] == default_autoencoder_config(28, 3)
+
+
+def test_existing_generator_is_reused_only_when_its_settings_match(tiny, pretrained, tmp_path):
+    folder, _ = tiny
+    path, generator = pretrained
+    same = {"dataset_flag": "pathmnist", "dataset_dir": str(folder), "download": False, "steps": 60, "batch_size": 8}
     stamp = os.stat(path).st_mtime_ns
-    again = ensure_generator(path)
+    again = ensure_generator(path, **same)
     assert os.stat(path).st_mtime_ns == stamp and again.checkpoint_sha256 == generator.checkpoint_sha256
+    other = {**same, "steps": 90, "network": {"latent_channels": 8}}
+    with pytest.raises(GeneratorCheckpointError, match=r"generator_steps: 60 -> 90; network.latent_channels: 4 -> 8"):
+        ensure_generator(path, **other)
+    assert ensure_generator(path, policy="any", **other).checkpoint_sha256 == generator.checkpoint_sha256
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(path.read_bytes())
+    retrained = ensure_generator(copy, policy="retrain", **{**same, "steps": 2})
+    assert retrained.metadata["settings"]["steps"] == 2 and retrained.latent_shape == generator.latent_shape
+    assert ensure_generator(copy, **{**same, "steps": 2}).checkpoint_sha256 == retrained.checkpoint_sha256
+    with pytest.raises(ValueError, match="'generator_policy' must be one of"):
+        ensure_generator(path, policy="maybe", **same)
+
+
+def test_a_blurry_generator_is_reported(caplog):
+    with caplog.at_level("WARNING", logger="monai_pld"):
+        assert warn_if_blurry(18.0, 22.0, 600, "g.pt")
+        assert not warn_if_blurry(25.0, 22.0, 600, "g.pt")
+    assert len(caplog.records) == 1 and "18.0 dB PSNR, below the quality floor of 22 dB" in caplog.text
+
+
+def test_random_flips_only_flip():
+    x = torch.arange(2 * 16, dtype=torch.float).view(2, 1, 4, 4)
+    torch.manual_seed(0)
+    flipped = random_flips(x.repeat(8, 1, 1, 1))
+    variants = [x[:1], x[:1].flip(-1), x[:1].flip(-2), x[:1].flip(-1).flip(-2)]
+    for image in flipped[::2]:
+        assert any(torch.equal(image[None], v) for v in variants)
+    assert len({tuple(i.flatten().tolist()) for i in flipped[::2]}) > 1
 
 
 @pytest.mark.parametrize("kind", ["slfd", "latent"])
@@ -163,3 +211,49 @@ def test_exported_distribution_reloads(tiny, tmp_path, kind):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.pt cannot be read"):
         load_distribution(tmp_path / "bad.pt")
+
+
+def test_include_mean_matches_each_slot_mean_besides_its_samples(tiny):
+    seen = []
+
+    class Recording(torch.nn.Module):
+        """Wraps the real DM matcher and keeps the synthetic images it was given."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def loss(self, syn_images, syn_labels, real_images, real_labels, step):
+            seen.append((syn_images.detach().clone(), syn_labels.clone()))
+            return self.inner.loss(syn_images, syn_labels, real_images, real_labels, step)
+
+    trainer = _trainer(tiny[1], iterations=1, include_mean=True)
+    generator, param = trainer.generator, trainer.parameterization
+    expected, labels = param.render(generator, "mean")
+    trainer.matcher = Recording(trainer.matcher)
+    trainer.run()
+    images, syn_labels = seen[0]
+    n = param.num_slots
+    assert len(images) == 2 * n and torch.equal(syn_labels[:n], labels) and torch.equal(syn_labels[n:], labels)
+    torch.testing.assert_close(images[:n].clamp(0, 1), expected)
+    assert not torch.allclose(images[n:], images[:n])  # the second half are samples around the means
+    # deterministic codes are their own mean: nothing is added
+    seen.clear()
+    trainer = _trainer(tiny[1], kind="latent", iterations=1, include_mean=True)
+    trainer.matcher = Recording(trainer.matcher)
+    trainer.run()
+    assert len(seen[0][0]) == trainer.parameterization.num_slots
+
+
+@pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_optimizer_groups_and_learning_rates(tiny, name, cls):
+    trainer = _trainer(tiny[1], iterations=1)
+    optimizer = build_optimizer(trainer.parameterization, 0.3, 0.002, optimizer=name, momentum=0.5)
+    assert isinstance(optimizer, cls)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["codes"]["lr"] == 0.3 and groups["network"]["lr"] == 0.002
+    assert groups["codes"]["params"][0] is trainer.parameterization.codes
+    if name == "sgd":
+        assert groups["codes"]["momentum"] == 0.5
+    with pytest.raises(ValueError, match="'optimizer' must be one of"):
+        build_optimizer(trainer.parameterization, optimizer="lbfgs")

@@ -6,14 +6,25 @@ from monai_pld.networks.generators import (
     ExternalGenerator,
     GeneratorCheckpointError,
     PixelGenerator,
+    FeatureLayerGenerator,
+    at_layer,
     default_autoencoder_config,
     load_generator,
 )
 
 
-@pytest.mark.parametrize("size,latent", [(28, (4, 7, 7)), (64, (4, 16, 16)), (128, (4, 16, 16))])
-def test_default_autoencoder_latent_shape(size, latent):
-    gen = AutoencoderKLGenerator(**default_autoencoder_config(size, 3))
+@pytest.mark.parametrize(
+    "size,downsamplings,latent",
+    [
+        (28, None, (4, 14, 14)),
+        (32, None, (4, 16, 16)),
+        (64, None, (4, 16, 16)),
+        (128, None, (4, 16, 16)),
+        (28, 2, (4, 7, 7)),
+    ],
+)
+def test_default_autoencoder_latent_shape(size, downsamplings, latent):
+    gen = AutoencoderKLGenerator(**default_autoencoder_config(size, 3, downsamplings=downsamplings))
     assert gen.latent_shape == latent
     out = gen.decode(torch.zeros(2, *latent))
     assert out.shape == (2, 3, size, size)
@@ -92,3 +103,43 @@ def test_external_generator_module_and_torchscript(tmp_path):
     assert torch.allclose(scripted.decode(f), expected, atol=1e-6)
     with pytest.raises(ValueError, match="output_range"):
         ExternalGenerator(decoder, (4, 7, 7), (3, 28, 28), output_range=(1, 1))
+
+
+def test_feature_layer_split_reproduces_the_whole_decoder(tmp_path):
+    torch.manual_seed(0)
+    base = AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).freeze()
+    x = torch.rand(3, 3, 28, 28)
+    whole = base.decode(base.encode(x))
+    shapes = base.layer_shapes()
+    for layer in range(1, base.num_layers - 1):
+        split = at_layer(base, layer)
+        assert isinstance(split, FeatureLayerGenerator) and split.latent_shape == shapes[layer - 1]
+        h = split.encode(x)
+        assert h.shape == (3, *shapes[layer - 1])
+        torch.testing.assert_close(split.decode(h), whole)
+    assert at_layer(base, 0) is base
+    # a checkpoint loaded at a layer is the same split
+    base.save(tmp_path / "g.pt")
+    loaded = load_generator(tmp_path / "g.pt", latent_layer=2)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), whole)
+    assert loaded.layer == 2 and loaded.checkpoint_sha256 == load_generator(tmp_path / "g.pt").checkpoint_sha256
+
+
+def test_feature_layer_gradient_reaches_the_feature_map_only():
+    torch.manual_seed(0)
+    split = at_layer(AutoencoderKLGenerator(**default_autoencoder_config(28, 1)).freeze(), 2)
+    h = torch.randn(2, *split.latent_shape, requires_grad=True)
+    split.decode(h).mean().backward()
+    assert h.grad.abs().sum() > 0 and all(p.grad is None for p in split.parameters())
+
+
+@pytest.mark.parametrize("layer", [-1, 6, 7, 1.5, True])
+def test_feature_layer_out_of_range_names_the_valid_layers(layer):
+    base = AutoencoderKLGenerator(**default_autoencoder_config(28, 3))
+    with pytest.raises(ValueError, match=r"'latent_layer' must be 0 .* decoder block 1\.\.4 \(1: 32x14x14"):
+        FeatureLayerGenerator(base, layer)
+
+
+def test_only_the_autoencoder_can_be_split():
+    with pytest.raises(ValueError, match="needs the autoencoder generator"):
+        at_layer(PixelGenerator((3, 28, 28)), 2)

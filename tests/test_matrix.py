@@ -23,7 +23,7 @@ TINY = {
     "ipc": 2,
     "iterations": 3,
     "batch_real_per_class": 4,
-    "generator_epochs": 1,
+    "generator_steps": 2,
     "log_interval": 1,
     "grid_interval": 3,
     "checkpoint_interval": 3,

@@ -43,6 +43,9 @@ class DistillationTrainer(Trainer):
         optimizer: optimiser over the parameterisation's parameters; ``None`` only for a fixed baseline.
         samples_per_slot: latents drawn per slot and iteration (S).
         antithetic: draw S/2 noise vectors and use each with both signs.
+        include_mean: for a stochastic parameterisation (SLFD), also match each slot's mean latent besides its S
+            samples, so the images that ``images.npz`` holds (the means) are themselves optimised. Ignored for
+            deterministic codes, whose samples are their means.
         kl_weight: weight ``beta`` of the KL of each slot's Gaussian to its class prior (0 disables).
         seed: base of the per-iteration seeds.
         checkpoint_dir: when given, MONAI ``CheckpointSaver`` writes the whole training state there every
@@ -70,6 +73,7 @@ class DistillationTrainer(Trainer):
         antithetic: bool = False,
         kl_weight: float = 0.0,
         seed: int = 0,
+        include_mean: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_interval: int = 50,
         resume: bool = False,
@@ -93,6 +97,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("a learnable parameterisation needs a matcher and an optimizer")
         self.samples_per_slot = int(samples_per_slot)
         self.antithetic = bool(antithetic)
+        self.include_mean = bool(include_mean) and bool(getattr(parameterization, "stochastic", False))
         self.kl_weight = float(kl_weight)
         self.seed = int(seed)
         handlers = list(train_handlers)
@@ -144,6 +149,9 @@ class DistillationTrainer(Trainer):
                     f"the latent distribution became degenerate at iteration {step} ({str(e).splitlines()[0]}); "
                     "lower 'lr_codes'/'lr_network' or resume from the last checkpoint with a smaller learning rate"
                 ) from e
+            if engine.include_mean:
+                latents = torch.cat([engine.parameterization.mean(), latents])
+                syn_labels = torch.cat([engine.parameterization.labels, syn_labels])
             syn_images = engine.generator.decode(latents)
             match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
             loss = match_loss

@@ -175,8 +175,10 @@ def load_image_source(
         from monai_pld.networks.generators import load_generator
 
         dev = resolve_device(device)
-        generator = load_generator(generator_file, map_location=dev)
         param = load_distribution(path, map_location=dev)
+        generator = load_generator(
+            generator_file, map_location=dev, latent_layer=param.hyper_parameters.get("latent_layer", 0)
+        )
         source = ImageSource.from_distribution(param, generator, description, mode, seed)
     _check_against(source, train, path)
     return source

@@ -1,13 +1,17 @@
 """Generator pretraining: an ``AutoencoderKL`` trained on the real training split with MONAI engines.
 
 The loss is an L1 reconstruction term plus a KL term that keeps the latent close to unit scale, so that the
-distillation learning rates work for every dataset. :func:`ensure_generator` is what ``train.yaml`` calls: it loads
-the checkpoint for this dataset and image size, or pretrains (and saves) one first.
+distillation learning rates work for every dataset. Training is counted in optimiser steps, with random flips and a
+cosine learning-rate decay; the validation PSNR/SSIM and every setting are stored in the checkpoint.
+:func:`ensure_generator` is what ``train.yaml`` calls: it loads the checkpoint for this dataset and image size when
+it was made with the settings the run asks for, or pretrains (and saves) one first.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,15 +21,23 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 from monai.engines import Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from monai.handlers import LrScheduleHandler, MLFlowHandler
+from monai.metrics import SSIMMetric
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from monai_pld.data import ImageSet
 from monai_pld.handlers.progress import ProgressLogger
 from monai_pld.networks.generators import (
     AutoencoderKLGenerator,
+    GeneratorCheckpointError,
     default_autoencoder_config,
 )
-from monai_pld.utils import as_bool, resolve_device
+from monai_pld.utils import as_bool, check_generator_settings, resolve_device
+
+AUGMENTATIONS = ("none", "flip")
+# Validation PSNR (dB) below which a generator is reported as too blurry to distil through: the generators whose
+# latent rows fell below random real images in docs/benchmarks.md reconstructed at 14-20 dB.
+MIN_PSNR = 22.0
 
 __all__ = [
     "GeneratorTrainer",
@@ -33,6 +45,12 @@ __all__ = [
     "reconstruction_metrics",
     "pretrain_generator",
     "ensure_generator",
+    "pretrain_settings",
+    "random_flips",
+    "settings_differences",
+    "warn_if_blurry",
+    "GENERATOR_POLICIES",
+    "MIN_PSNR",
 ]
 
 logger = logging.getLogger("monai_pld")
@@ -43,11 +61,14 @@ class GeneratorTrainer(Trainer):
 
     Args:
         device: where to train.
-        max_epochs: passes over the training images.
+        max_epochs: number of epochs (an epoch is ``epoch_length`` steps; validation runs at every epoch end).
         train_data_loader: yields ``(images_uint8,)`` batches of shape ``(B, C, H, W)``.
         generator: the autoencoder being trained.
         optimizer: optimiser over ``generator.parameters()``.
         kl_weight: weight of the KL term (mean over latent elements) relative to the mean L1 error.
+        augment: ``none`` or ``flip``: each image is flipped left-right and/or up-down with probability 1/2 (the
+            autoencoder learns to draw, not to classify, so flips cannot hurt a label and give it more to learn from).
+        epoch_length: steps per epoch (``None``: one pass over the loader).
         train_handlers: ignite/MONAI handlers, attached after the engine is complete.
     """
 
@@ -59,17 +80,30 @@ class GeneratorTrainer(Trainer):
         generator: AutoencoderKLGenerator,
         optimizer: torch.optim.Optimizer,
         kl_weight: float = 1e-3,
+        augment: str = "none",
+        epoch_length: int | None = None,
         train_handlers: Sequence[Any] = (),
     ) -> None:
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader, decollate=False)
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"'augment' must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            decollate=False,
+        )
         self.generator = generator.to(device)
         self.optimizer = optimizer
         self.kl_weight = float(kl_weight)
+        self.augment = augment
         self._register_handlers(list(train_handlers))
 
     def _iteration(self, engine: GeneratorTrainer, batchdata: Any) -> list[dict[str, float]]:
         images = batchdata[0] if isinstance(batchdata, (list, tuple)) else batchdata
         x = images.to(engine.state.device, non_blocking=True).float().div_(255.0)
+        if engine.augment == "flip":
+            x = random_flips(x)
         engine.generator.train()
         recon, z_mu, z_sigma = engine.generator.reconstruct(x)
         recon_l1 = F.l1_loss(recon, x)
@@ -81,28 +115,44 @@ class GeneratorTrainer(Trainer):
         return [{"loss": loss.item(), "recon_l1": recon_l1.item(), "kl": kl.item()}]  # MONAI's decollated form
 
 
+def random_flips(x: torch.Tensor) -> torch.Tensor:
+    """Flip each image of ``(B, C, H, W)`` left-right and, independently, up-down with probability 1/2."""
+    lr = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+    ud = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+    x = torch.where(lr, x.flip(-1), x)
+    return torch.where(ud, x.flip(-2), x)
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     generator: AutoencoderKLGenerator, images: ImageSet, batch_size: int = 512, max_images: int | None = 5000
 ) -> dict[str, float]:
-    """Mean absolute error, mean squared error and PSNR (images in ``[0, 1]``) of ``decode(encode(x))``."""
+    """Mean absolute error, mean squared error, PSNR and SSIM (MONAI's ``SSIMMetric``, images in ``[0, 1]``) of
+    ``decode(encode(x))`` on up to ``max_images`` images."""
     device = next(generator.parameters()).device
     n = len(images) if max_images is None else min(len(images), max_images)
     generator.eval()
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=min(7, images.image_size), reduction="mean")
     abs_err = sq_err = 0.0
     for start in range(0, n, batch_size):
         x = images.float_images(slice(start, min(start + batch_size, n))).to(device)
         recon = generator.decode(generator.encode(x))
         abs_err += (recon - x).abs().sum().item()
         sq_err += (recon - x).pow(2).sum().item()
+        ssim(recon, x)
     count = n * images.channels * images.image_size**2
     mse = sq_err / count
-    return {"mae": abs_err / count, "mse": mse, "psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))}
+    return {
+        "mae": abs_err / count,
+        "mse": mse,
+        "psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12)))),
+        "ssim": float(ssim.aggregate().item()),
+    }
 
 
 class ReconstructionValidation:
-    """At every epoch end, put ``val_mae``, ``val_mse`` and ``val_psnr`` of the validation split into
-    ``engine.state.metrics`` (where MONAI's ``MLFlowHandler`` picks them up)."""
+    """At every epoch end, put ``val_mae``, ``val_mse``, ``val_psnr`` and ``val_ssim`` of the validation split into
+    ``engine.state.metrics`` (where MONAI's ``MLFlowHandler`` picks them up) and log a progress line."""
 
     def __init__(self, val: ImageSet, max_images: int | None = 5000) -> None:
         self.val = val
@@ -114,6 +164,43 @@ class ReconstructionValidation:
     def __call__(self, engine: GeneratorTrainer) -> None:
         metrics = reconstruction_metrics(engine.generator, self.val, max_images=self.max_images)
         engine.state.metrics.update({f"val_{k}": v for k, v in metrics.items()})
+        logger.info(
+            f"generator step {engine.state.iteration}: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}"
+        )
+
+
+def pretrain_settings(
+    dataset_flag: str,
+    image_size: int,
+    in_channels: int,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-3,
+    augment: str = "flip",
+    max_train_images: int | None = None,
+    seed: int = 0,
+    network: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every setting that decides what a pretrained generator is: what a checkpoint records and what
+    :func:`ensure_generator` compares against a run's request. ``network`` holds
+    :func:`default_autoencoder_config` arguments (``downsamplings``, ``latent_channels``, ``width``) or full
+    ``AutoencoderKLGenerator`` overrides (``channels``...)."""
+    network = dict(network or {})
+    arch_args = {k: network.pop(k) for k in ("downsamplings", "latent_channels", "width") if k in network}
+    config = {**default_autoencoder_config(int(image_size), int(in_channels), **arch_args), **network}
+    return {
+        "dataset_flag": str(dataset_flag),
+        "image_size": int(image_size),
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "kl_weight": float(kl_weight),
+        "augment": str(augment),
+        "max_train_images": None if max_train_images is None else int(max_train_images),
+        "seed": int(seed),
+        "network": config,
+    }
 
 
 def pretrain_generator(
@@ -122,79 +209,115 @@ def pretrain_generator(
     dataset_dir: str | None = None,
     image_size: int = 28,
     download: bool | str = True,
-    epochs: int = 2,
+    steps: int = 3000,
     batch_size: int = 128,
     lr: float = 2e-3,
     kl_weight: float = 1e-3,
+    augment: str = "flip",
     max_train_images: int | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     log_interval: int = 100,
+    val_interval: int = 500,
+    min_psnr: float = MIN_PSNR,
     tracking_uri: str | None = None,
     experiment_name: str = "monai_pld",
     run_name: str | None = None,
     network: dict[str, Any] | None = None,
+    epochs: int | None = None,
+    data_options: dict[str, Any] | None = None,
 ) -> AutoencoderKLGenerator:
     """Train the default generator on a training split and save it atomically to ``generator_path``.
 
+    Training is counted in optimiser steps (a small archive gets as many steps as a large one), with Adam, a cosine
+    learning-rate decay to zero and random flips; the validation split's PSNR and SSIM are measured every
+    ``val_interval`` steps and recorded in the checkpoint with every setting (:func:`pretrain_settings`).
+
     Args:
         generator_path: checkpoint file to write.
-        dataset_flag, dataset_dir, image_size, download: which data to read (see :func:`monai_pld.data.load_dataset`:
-            MedMNIST 2D, CIFAR-10, ImageNet subsets).
-        epochs: passes over the (possibly capped) training split.
-        batch_size, lr: Adam settings.
+        dataset_flag, dataset_dir, image_size, download: which data to read (see :func:`monai_pld.data.load_dataset`).
+        steps: optimiser steps.
+        batch_size, lr: Adam settings (``lr`` decays to 0 along a cosine).
         kl_weight: weight of the KL term.
+        augment: ``flip`` (random left-right and up-down flips) or ``none``.
         max_train_images: optional cap on training images (evenly spaced), for quick runs.
-        seed: seeds initialisation and shuffling.
+        seed: seeds initialisation, shuffling and augmentation.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
-        log_interval: iterations between progress lines.
+        log_interval: steps between progress lines.
+        val_interval: steps between validation measurements.
+        min_psnr: validation PSNR (dB) below which the generator is reported as too blurry to distil through.
         tracking_uri: MLflow tracking URI; ``None`` logs nothing to MLflow.
         experiment_name, run_name: MLflow names (run name defaults to ``pretrain_<flag>_<size>px``).
-        network: architecture overrides on top of :func:`default_autoencoder_config`.
+        network: architecture choices, see :func:`pretrain_settings`.
+        epochs: deprecated: passes over the training split, converted to steps when given.
+        data_options: further :func:`monai_pld.data.load_dataset` options (a site's own data).
 
     Returns:
         the trained generator, frozen.
     """
-    from monai.handlers import MLFlowHandler
-
-    dev = resolve_device(device)
-    if int(epochs) < 1:
-        raise ValueError(f"'generator_epochs' must be >= 1, got {epochs}")
     from monai_pld.data import load_dataset
 
+    dev = resolve_device(device)
+    data_options = dict(data_options or {})
     train = load_dataset(
-        dataset_flag, "train", dataset_dir, image_size=image_size, download=as_bool(download, "download")
+        dataset_flag,
+        "train",
+        dataset_dir,
+        image_size=image_size,
+        download=as_bool(download, "download"),
+        **data_options,
     )
-    val = load_dataset(dataset_flag, "val", dataset_dir, image_size=image_size, download=False)
+    val = load_dataset(dataset_flag, "val", dataset_dir, image_size=image_size, download=False, **data_options)
     train_images = train.images
     if max_train_images is not None and len(train_images) > max_train_images:
         train_images = train_images[torch.linspace(0, len(train_images) - 1, int(max_train_images)).long()]
+    if epochs is not None:
+        steps = max(1, int(epochs) * math.ceil(len(train_images) / batch_size))
+    check_generator_settings(
+        {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "augment": augment}
+    )
+    settings = pretrain_settings(
+        dataset_flag,
+        image_size,
+        train.channels,
+        steps,
+        batch_size,
+        lr,
+        kl_weight,
+        augment,
+        max_train_images,
+        seed,
+        network,
+    )
+    epoch_length = min(int(val_interval), int(steps))
+    epochs_run = math.ceil(int(steps) / epoch_length)
+    total_steps = epochs_run * epoch_length
 
     torch.manual_seed(seed)
-    config = {**default_autoencoder_config(image_size, train.channels), **(network or {})}
-    generator = AutoencoderKLGenerator(**config).to(dev)
+    generator = AutoencoderKLGenerator(**settings["network"]).to(dev)
+    batch = min(int(batch_size), len(train_images))
     loader = DataLoader(
         TensorDataset(train_images),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_images) > batch_size,
-        generator=torch.Generator().manual_seed(seed),
+        batch_size=batch,
+        # permutation after permutation of the training images, as many batches as there are steps
+        sampler=RandomSampler(
+            train_images, num_samples=total_steps * batch, generator=torch.Generator().manual_seed(seed)
+        ),
+        drop_last=True,
     )
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
     handlers: list[Any] = [
-        ReconstructionValidation(val),  # first, so the MLflow handler below logs its metrics at the same epoch
+        LrScheduleHandler(
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps), epoch_level=False, print_lr=False
+        ),
+        ReconstructionValidation(val),  # before the MLflow handler below, which logs its metrics at the same epoch
         ProgressLogger(interval=log_interval, prefix="generator"),
     ]
     run_name = run_name or f"pretrain_{dataset_flag}_{image_size}px"
     params = {
-        "dataset_flag": dataset_flag,
-        "image_size": image_size,
-        "generator_epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "kl_weight": kl_weight,
+        **{f"generator_{k}": v for k, v in settings.items() if k != "network"},
         "train_images": len(train_images),
-        "seed": seed,
-        **{f"network_{k}": str(v) for k, v in config.items()},
+        **{f"network_{k}": str(v) for k, v in settings["network"].items()},
     }
     if tracking_uri:
         handlers.append(
@@ -210,29 +333,36 @@ def pretrain_generator(
         )
     trainer = GeneratorTrainer(
         device=dev,
-        max_epochs=int(epochs),
+        max_epochs=epochs_run,
         train_data_loader=loader,
         generator=generator,
-        optimizer=torch.optim.Adam(generator.parameters(), lr=lr),
+        optimizer=optimizer,
         kl_weight=kl_weight,
+        augment=augment,
+        epoch_length=epoch_length,
         train_handlers=handlers,
     )
     logger.info(
-        f"pretraining the {dataset_flag} {image_size}px generator: {len(train_images)} images, {epochs} epochs, "
-        f"latent {generator.latent_shape}, device {dev}"
+        f"pretraining the {dataset_flag} {image_size}px generator: {len(train_images)} images, {total_steps} steps "
+        f"of {batch}, latent {generator.latent_shape}, device {dev}"
     )
-    start = time.perf_counter()
-    trainer.run()
-    seconds = time.perf_counter() - start
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)  # the flips are drawn from the global RNG: seed them, leave the caller's RNG alone
+        start = time.perf_counter()
+        trainer.run()
+        seconds = time.perf_counter() - start
     metrics = dict(trainer.state.metrics)
     logger.info(
-        f"generator trained in {seconds:.0f}s; val MAE {metrics['val_mae']:.4f}, PSNR {metrics['val_psnr']:.2f} dB"
+        f"generator trained in {seconds:.0f}s; val MAE {metrics['val_mae']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
+        f"SSIM {metrics['val_ssim']:.3f}"
     )
+    warn_if_blurry(metrics["val_psnr"], min_psnr, len(train_images), str(generator_path))
     generator.save(
         generator_path,
+        settings=settings,
         dataset=dataset_flag,
         image_size=int(image_size),
-        epochs=int(epochs),
+        steps=total_steps,
         train_images=len(train_images),
         train_seconds=seconds,
         seed=int(seed),
@@ -243,18 +373,91 @@ def pretrain_generator(
     return AutoencoderKLGenerator.load(generator_path, map_location=dev)
 
 
+def warn_if_blurry(psnr: float, min_psnr: float, train_images: int, path: str) -> bool:
+    """Log a warning when a generator's validation PSNR is below ``min_psnr``; returns whether it did."""
+    if psnr >= min_psnr:
+        return False
+    logger.warning(
+        f"the generator {path} reconstructs the validation images at {psnr:.1f} dB PSNR, below the quality floor "
+        f"of {min_psnr:.0f} dB ({train_images} training images): latent rows distilled through it start from "
+        "blurred images and may end below random real images. Pretrain longer (--generator_steps), use a generator "
+        "trained on a larger set of the same modality and size (--generator_path ... --generator_policy any), or "
+        "distil in pixel space (--parameterization pixel); see docs/configuration.md, 'Generator'."
+    )
+    return True
+
+
+GENERATOR_POLICIES = ("match", "retrain", "any")
+
+
 def ensure_generator(
-    generator_path: str | os.PathLike, device: str | torch.device = "auto", **pretrain_kwargs: Any
+    generator_path: str | os.PathLike,
+    device: str | torch.device = "auto",
+    policy: str = "match",
+    in_channels: int | None = None,
+    **pretrain_kwargs: Any,
 ) -> AutoencoderKLGenerator:
     """Load the generator at ``generator_path``, pretraining and saving it first when the file does not exist.
 
+    Args:
+        generator_path: the checkpoint.
+        device: where to put it.
+        policy: what to do with an existing file made with other settings than ``pretrain_kwargs`` ask for:
+            ``match`` (stop with an error naming the keys that differ), ``retrain`` (pretrain anew and replace it)
+            or ``any`` (use it as it is: a generator trained on another, larger set of the same modality and size).
+        in_channels: image channels of the data, to compare the architecture (``None``: the checkpoint's).
+        pretrain_kwargs: :func:`pretrain_generator` arguments.
+
     Raises:
-        GeneratorCheckpointError: when the file exists but is unusable (message names the file and the fix).
+        GeneratorCheckpointError: when the file exists but is unusable, or differs under ``policy="match"``
+            (the message names the file, the keys and the fix).
     """
+    if policy not in GENERATOR_POLICIES:
+        raise ValueError(f"'generator_policy' must be one of {list(GENERATOR_POLICIES)}, got {policy!r}")
     dev = resolve_device(device)
     if os.path.isfile(generator_path):
         generator = AutoencoderKLGenerator.load(generator_path, map_location=dev)
+        differences = settings_differences(generator, pretrain_kwargs, in_channels)
+        if differences and policy == "match":
+            raise GeneratorCheckpointError(
+                f"generator {generator_path} was pretrained with other settings than this run asks for: "
+                f"{'; '.join(differences)}. Use --generator_policy retrain to pretrain it anew with this run's "
+                "settings, --generator_policy any to use the file as it is, or point --generator_path elsewhere"
+            )
+        if differences and policy == "retrain":
+            logger.info(f"generator {generator_path} differs ({'; '.join(differences)}): pretraining it anew")
+            return pretrain_generator(generator_path, device=dev, **pretrain_kwargs)
         logger.info(f"using generator {generator_path} (sha256 {generator.checkpoint_sha256[:12]})")
         return generator
     logger.info(f"no generator checkpoint at {generator_path}: pretraining one first")
     return pretrain_generator(generator_path, device=dev, **pretrain_kwargs)
+
+
+def settings_differences(
+    generator: AutoencoderKLGenerator, pretrain_kwargs: dict[str, Any], in_channels: int | None = None
+) -> list[str]:
+    """``key: stored -> requested`` for every pretraining setting that ``pretrain_kwargs`` asks for differently
+    from what made ``generator`` (keys not given in ``pretrain_kwargs`` take :func:`pretrain_generator`'s defaults)."""
+    stored = generator.metadata.get("settings")
+    if not isinstance(stored, dict):
+        return ["the checkpoint records no pretraining settings (made by an older monai_pld)"]
+    defaults = inspect.signature(pretrain_generator).parameters
+    args = {
+        k: pretrain_kwargs.get(k, defaults[k].default)
+        for k in inspect.signature(pretrain_settings).parameters
+        if k not in ("in_channels", "image_size") and k in defaults
+    }
+    args["image_size"] = pretrain_kwargs.get("image_size", stored.get("image_size"))
+    if pretrain_kwargs.get("epochs") is not None:  # deprecated epochs: the step count depends on the data size
+        args["steps"] = stored.get("steps")
+    channels = in_channels if in_channels is not None else generator.config["in_channels"]
+    requested = pretrain_settings(in_channels=channels, **args)
+    differences = []
+    for key, value in requested.items():
+        if key == "network":
+            for k, v in value.items():
+                if stored.get("network", {}).get(k) != v:
+                    differences.append(f"network.{k}: {stored.get('network', {}).get(k)} -> {v}")
+        elif stored.get(key) != value:
+            differences.append(f"generator_{key}: {stored.get(key)} -> {value}")
+    return differences

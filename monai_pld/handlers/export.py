@@ -39,6 +39,7 @@ def _generator_record(generator: Any) -> dict[str, Any]:
             record[attr.replace("checkpoint_", "")] = getattr(generator, attr)
     if getattr(generator, "config", None) is not None:
         record["config"] = generator.config
+    record["latent_layer"] = int(getattr(generator, "layer", 0))
     return record
 
 

@@ -27,9 +27,11 @@ from monai_pld.utils import atomic_save_torch, library_versions, sha256_file
 
 __all__ = [
     "LatentGenerator",
+    "at_layer",
     "AutoencoderKLGenerator",
     "PixelGenerator",
     "ExternalGenerator",
+    "FeatureLayerGenerator",
     "GeneratorCheckpointError",
     "default_autoencoder_config",
     "config_hash",
@@ -77,23 +79,36 @@ class LatentGenerator(nn.Module):
         return self
 
 
-def default_autoencoder_config(image_size: int, in_channels: int) -> dict[str, Any]:
-    """Architecture of the default generator, sized so that pretraining on a MedMNIST set takes minutes on a CPU.
+def default_autoencoder_config(
+    image_size: int, in_channels: int, downsamplings: int | None = None, latent_channels: int = 4, width: int = 32
+) -> dict[str, Any]:
+    """Architecture of the default generator, sized so that pretraining takes minutes on a CPU.
 
-    Two downsamplings give a ``4 x s/4 x s/4`` spatial latent (``4 x 7 x 7`` at 28 px, ``4 x 16 x 16`` at 64 px);
-    larger images get one more level per doubling so the latent stays at most 16 x 16.
+    Args:
+        image_size: side of the square images.
+        in_channels: image channels.
+        downsamplings: halvings between the image and the latent; ``None`` picks one at 28/32 px (a
+            ``latent_channels x 14 x 14`` latent at 28 px, which reconstructs far better than ``7 x 7``; see
+            docs/benchmarks.md) and one more per doubling of the size above that, so the latent side is at most 16.
+        latent_channels: channels ``C`` of the latent map.
+        width: channels of the deepest levels (the first level has half).
     """
-    levels = 3
-    size = image_size // 4
-    while size > 16:
-        levels += 1
-        size //= 2
-    channels = [16, 32] + [32] * (levels - 2)
+    if downsamplings is None:
+        downsamplings = 1
+        size = image_size // 2
+        while size > 16:
+            downsamplings += 1
+            size //= 2
+    downsamplings = int(downsamplings)
+    if downsamplings < 1:
+        raise ValueError(f"'downsamplings' must be >= 1, got {downsamplings}")
+    width = int(width)
+    channels = [max(width // 2, 8)] + [width] * downsamplings
     return {
         "image_size": int(image_size),
         "in_channels": int(in_channels),
         "channels": channels,
-        "latent_channels": 4,
+        "latent_channels": int(latent_channels),
         "num_res_blocks": 1,
         "norm_num_groups": 8,
     }
@@ -166,6 +181,37 @@ class AutoencoderKLGenerator(LatentGenerator):
         """The posterior mean of the encoder (deterministic, as used for initialisation)."""
         return self.autoencoder.encode(x)[0]
 
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks; ``latent_layer`` k in ``1..num_layers-1`` splits the decoder after block k."""
+        return len(self.autoencoder.decoder.blocks)
+
+    def decode_head(self, f: torch.Tensor, layer: int) -> torch.Tensor:
+        """The decoder's first ``layer`` blocks: bottleneck latent ``f`` to the feature map after block ``layer``."""
+        x = self.autoencoder.post_quant_conv(f)
+        for block in self.autoencoder.decoder.blocks[:layer]:
+            x = block(x)
+        return x
+
+    def decode_tail(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The rest of the decoder: a feature map after block ``layer`` to an image in ``[0, 1]``."""
+        for block in self.autoencoder.decoder.blocks[layer:]:
+            h = block(h)
+        return torch.sigmoid(h)
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """Shape ``(C, h, w)`` of the feature map after each decoder block (index k-1 for ``latent_layer`` k)."""
+        with torch.no_grad():
+            x = self.autoencoder.post_quant_conv(torch.zeros(1, *self.latent_shape, device=self._device()))
+            shapes = []
+            for block in self.autoencoder.decoder.blocks:
+                x = block(x)
+                shapes.append(tuple(int(s) for s in x.shape[1:]))
+        return shapes
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and standard deviation, for the KL term of pretraining."""
         z_mu, z_sigma = self.autoencoder.encode(x)
@@ -231,9 +277,76 @@ def _read_checkpoint(path: str | os.PathLike, map_location: str | torch.device) 
     return payload
 
 
-def load_generator(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LatentGenerator:
-    """Load a generator checkpoint written by this package (currently the ``autoencoderkl`` kind)."""
-    return AutoencoderKLGenerator.load(path, map_location)
+def load_generator(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", latent_layer: int = 0
+) -> LatentGenerator:
+    """Load a generator checkpoint written by this package (currently the ``autoencoderkl`` kind), split at
+    ``latent_layer`` (see :func:`at_layer`; a distribution records the layer it was distilled in)."""
+    return at_layer(AutoencoderKLGenerator.load(path, map_location), latent_layer)
+
+
+def at_layer(generator: LatentGenerator, latent_layer: int = 0) -> LatentGenerator:
+    """``generator`` itself for ``latent_layer`` 0 (its bottleneck), else a :class:`FeatureLayerGenerator` whose
+    latent is the feature map after decoder block ``latent_layer``.
+
+    Raises:
+        ValueError: when the generator cannot be split (not an autoencoder) or the layer is out of range.
+    """
+    if not latent_layer:
+        return generator
+    if not isinstance(generator, AutoencoderKLGenerator):
+        raise ValueError(
+            f"'latent_layer' {latent_layer} needs the autoencoder generator; a {type(generator).__name__} cannot be "
+            "split: use latent_layer 0"
+        )
+    return FeatureLayerGenerator(generator, latent_layer)
+
+
+class FeatureLayerGenerator(LatentGenerator):
+    """An autoencoder generator split inside its decoder: the latent is the feature map after decoder block
+    ``layer`` (the analogue of GLaD's intermediate generator layers), and ``decode`` runs only the blocks after it.
+
+    A feature map has more numbers than the bottleneck (``32 x 14 x 14`` against ``4 x 14 x 14`` at 28 px) and one
+    optimiser step moves the image further, while the later blocks keep images close to what the decoder learnt to
+    draw. ``encode`` is the base encoder followed by the first ``layer`` decoder blocks, so slots still start at the
+    (reconstructed) real images.
+
+    Args:
+        base: the pretrained autoencoder generator.
+        layer: split point, ``1 .. base.num_layers - 2`` (0 would be the bottleneck itself: use ``base``).
+
+    Raises:
+        ValueError: naming the valid layers and their shapes when ``layer`` is out of range.
+    """
+
+    def __init__(self, base: AutoencoderKLGenerator, layer: int) -> None:
+        super().__init__()
+        shapes = base.layer_shapes()
+        valid = range(1, base.num_layers - 1)  # after the last two blocks (norm, output conv) nothing is left to learn
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer not in valid:
+            listing = ", ".join(f"{k}: {'x'.join(map(str, shapes[k - 1]))}" for k in valid)
+            raise ValueError(
+                f"'latent_layer' must be 0 (the bottleneck, {'x'.join(map(str, base.latent_shape))}) or a decoder "
+                f"block {valid.start}..{valid.stop - 1} ({listing}), got {layer!r}"
+            )
+        self.base = base
+        self.layer = int(layer)
+        self.config = base.config
+        self.latent_shape = shapes[layer - 1]
+        self.image_shape = base.image_shape
+        for name in ("metadata", "checkpoint_sha256", "checkpoint_path"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+
+    @property
+    def has_encoder(self) -> bool:
+        return True
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.base.decode_tail(f, self.layer)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.decode_head(self.base.encode(x), self.layer)
 
 
 class PixelGenerator(LatentGenerator):

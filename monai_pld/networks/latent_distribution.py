@@ -436,6 +436,11 @@ class SLFDistribution(LatentParameterization):
         noise = noise + cov_diag.sqrt() * torch.randn(draws, *mu.shape, **factory)
         return (mu + torch.cat([noise, -noise])).view(n_per_slot, self.num_slots, *self.latent_shape)
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether :meth:`sample` draws anything (every variant but ``rank=0, diagonal=False``)."""
+        return not self._deterministic
+
     def kl_to_prior(self) -> Tensor:
         """Mean over slots of ``KL(slot Gaussian || its class prior) / D``; 0 without a prior or when deterministic.
 

@@ -1,0 +1,243 @@
+"""Pixel, deterministic-latent and probabilistic-latent (SLFD) rows distilled under one budget and evaluated
+across architectures, with the generator's quality and the distilled layer as explicit variables.
+
+Run (model selection, on the validation split):
+    python benchmarks/latent_prior.py --dataset retinamnist --data-dir ../shared/data --split val \
+        --rows pixel latent slfd latent:L2 slfd:L2 --ipc 10 --iterations 200 --out docs/latent_prior/retina_val
+Final table (test split), two distillation seeds, four backbones:
+    python benchmarks/latent_prior.py --dataset retinamnist --data-dir ../shared/data --split test --seeds 0 1 \
+        --rows random pixel latent slfd latent:L2 slfd:L2 --backbones convnet alexnet vgg11 resnet18 ...
+Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnist.sh) with --dataset custom
+--data-dir /path/fashionmnist.npz.
+Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
+
+A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:resample]``: ``kind`` is random, full, pixel, latent or
+slfd; ``L2`` distils into the feature map after decoder block 2 instead of the bottleneck; ``lr=`` overrides the
+per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even); ``resample`` evaluates
+SLFD with fresh samples every epoch instead of its means. Every row of one seed starts from the same seeded real
+images and is distilled for ``--iterations`` steps with the bundle's defaults for everything not named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from monai_pld.builders import build_trainer
+from monai_pld.data import load_dataset
+from monai_pld.engines.evaluation import ImageSource, load_image_source, train_and_test
+from monai_pld.networks.generators import load_generator
+from monai_pld.utils import derive_seed
+
+
+def parse_row(spec: str) -> dict:
+    """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
+    kind, *options = spec.split(":")
+    row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
+    for option in options:
+        if option.startswith("L"):
+            row["latent_layer"] = int(option[1:])
+        elif option.startswith("lr="):
+            row["lr_codes"] = float(option[3:])
+        elif option.startswith("s="):
+            row["samples"] = int(option[2:])
+        elif option == "resample":
+            row["mode"] = "resample"
+        else:
+            raise ValueError(f"unknown row option {option!r} in {spec!r}")
+    return row
+
+
+def distil_row(row: dict, train, args, ipc: int, seed: int):
+    """Distil one row; returns (source builder inputs): parameterisation, generator, seconds, final loss."""
+    trainer = build_trainer(
+        train,
+        parameterization=row["kind"],
+        matcher=args.matcher,
+        ipc=ipc,
+        iterations=args.iterations,
+        generator_path=args.generator_path,
+        generator_policy="any" if args.generator_any else "match",
+        latent_layer=row["latent_layer"],
+        lr_codes=row["lr_codes"],
+        samples_per_slot=row["samples"],
+        antithetic=row["samples"] % 2 == 0,
+        batch_real_per_class=args.batch_real,
+        seed=seed,
+        device="cpu",
+        pretrain={
+            "dataset_flag": args.dataset,
+            "dataset_dir": args.data_dir,
+            "image_size": train.image_size,
+            "download": False,
+            "steps": args.generator_steps,
+        },
+    )
+    losses = []
+    trainer.add_event_handler("iteration_completed", lambda e: losses.append(e.state.output[0].get("loss", 0.0)))
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    final = statistics.fmean(losses[-10:]) if losses and row["kind"] not in ("random", "full") else None
+    return trainer.parameterization, trainer.generator, seconds, final
+
+
+def evaluate(source, train, test, args, seed, backbones):
+    mean, std = train.normalization()
+    results = []
+    for backbone in backbones:
+        for run in range(args.runs):
+            m = train_and_test(
+                backbone,
+                source,
+                test,
+                mean,
+                std,
+                protocol=args.protocol,
+                epochs=args.epochs,
+                seed=derive_seed(seed, 100 + run),
+                device="cpu",
+            )
+            results.append({"backbone": backbone, "run": run, "seed": seed, **m})
+    return results
+
+
+def report(paths: list[str]) -> str:
+    """Markdown tables (accuracy, macro AUC) over seeds and classifiers, from saved results."""
+    rows: dict[tuple, list] = {}
+    backbones: list[str] = []
+    for path in paths:
+        for entry in json.loads(Path(path).read_text())["rows"]:
+            rows.setdefault((entry["row"], entry["ipc"]), []).extend(entry["results"])
+            for r in entry["results"]:
+                if r["backbone"] not in backbones:
+                    backbones.append(r["backbone"])
+    lines = []
+    for key, scale, digits, name in (("accuracy", 100, 1, "accuracy (%)"), ("auc", 1, 3, "macro AUC")):
+        lines += [f"\n{name}: mean ± std over distillation seeds x classifiers\n"]
+        lines.append("| row | IPC | " + " | ".join(backbones) + " | cross-arch (non-ConvNet) |")
+        lines.append("|" + " --- |" * (len(backbones) + 3))
+        for (row, ipc), results in rows.items():
+            cells, cross = [], []
+            for b in backbones:
+                values = [scale * r[key] for r in results if r["backbone"] == b]
+                if not values:
+                    cells.append("")
+                    continue
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}")
+                if b != "convnet":
+                    cross.append(statistics.fmean(values))
+            cross_cell = f"{statistics.fmean(cross):.{digits}f}" if cross else ""
+            lines.append(f"| {row} | {ipc} | " + " | ".join(cells) + f" | {cross_cell} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="retinamnist")
+    parser.add_argument("--data-dir", default=os.environ.get("MONAI_PLD_DATA", "../shared/data"))
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="where classifiers are tested")
+    parser.add_argument("--rows", nargs="+", default=["random", "pixel", "latent", "slfd"])
+    parser.add_argument("--ipc", type=int, nargs="+", default=[10])
+    parser.add_argument("--matcher", default="dm", choices=["dm", "dc"])
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--batch-real", type=int, default=64)
+    parser.add_argument("--backbones", nargs="+", default=["convnet", "alexnet"])
+    parser.add_argument("--runs", type=int, default=2, help="classifiers per backbone and distilled set")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--protocol", default="dc", choices=["dc", "glad"])
+    parser.add_argument("--generator-path", default=None, help="default generators/<dataset>_<size>px_autoencoderkl.pt")
+    parser.add_argument("--generator-any", action="store_true", help="use --generator-path whatever made it")
+    parser.add_argument("--generator-steps", type=int, default=None, help="default: the bundle's")
+    parser.add_argument("--max-train", type=int, default=None, help="keep this many training images (stratified)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/latent_prior/run")
+    parser.add_argument("--report", nargs="+", metavar="JSON")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    torch.set_num_threads(args.threads)
+    train = load_dataset(args.dataset, "train", args.data_dir, download=False)
+    if args.max_train is not None:
+        train = subsample(train, args.max_train)
+    test = load_dataset(args.dataset, args.split, args.data_dir, download=False)
+    if args.generator_path is None:
+        args.generator_path = f"generators/{args.dataset}_{train.image_size}px_autoencoderkl.pt"
+    if args.generator_steps is None:
+        import inspect
+
+        from monai_pld.engines.generator import pretrain_generator
+
+        args.generator_steps = inspect.signature(pretrain_generator).parameters["steps"].default
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"{args.dataset}: {len(train)} train / {len(test)} {args.split} images; {args.matcher.upper()} "
+        f"{args.iterations} iterations, batch_real {args.batch_real}/class; protocol {args.protocol} {args.epochs} "
+        f"epochs, {args.runs} classifier(s) per backbone and seed; seeds {args.seeds}; {datetime.date.today()}, "
+        f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} thread(s))"
+    )
+    print(header, flush=True)
+    table = []
+    for ipc in args.ipc:
+        for spec in args.rows:
+            row = parse_row(spec)
+            results, seconds_all, losses = [], [], []
+            for seed in args.seeds:
+                if row["kind"] in ("random", "full"):
+                    source = load_image_source(row["kind"], train, ipc=ipc, seed=seed)
+                    seconds, loss = 0.0, None
+                else:
+                    param, generator, seconds, loss = distil_row(row, train, args, ipc, seed)
+                    source = ImageSource.from_distribution(param, generator, {"kind": spec}, row["mode"], seed)
+                results += evaluate(source, train, test, args, seed, args.backbones)
+                seconds_all.append(seconds)
+                losses.append(loss)
+            table.append(
+                {"row": spec, "ipc": ipc, "results": results, "distil_seconds": seconds_all, "final_loss": losses}
+            )
+            accs = {b: statistics.fmean(r["accuracy"] for r in results if r["backbone"] == b) for b in args.backbones}
+            print(
+                f"{spec} ipc {ipc}: "
+                + ", ".join(f"{b} {100 * a:.1f}" for b, a in accs.items())
+                + f"; distil {statistics.fmean(seconds_all):.0f}s, final loss {losses}",
+                flush=True,
+            )
+            out.with_suffix(".json").write_text(json.dumps({"header": header, "args": vars(args), "rows": table}))
+    meta = {}
+    if os.path.isfile(args.generator_path):
+        meta = load_generator(args.generator_path).metadata
+    text = header + "\n" + report([str(out.with_suffix(".json"))])
+    if meta:
+        text += (
+            f"\n\ngenerator {args.generator_path}: {meta.get('steps')} steps on {meta.get('train_images')} images, "
+            f"validation PSNR {meta.get('val_psnr', float('nan')):.1f} dB, "
+            f"SSIM {meta.get('val_ssim', float('nan')):.3f}"
+        )
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+def subsample(train, n: int):
+    """A stratified, seeded subset of ``n`` training images (a small archive)."""
+    from monai_pld.data import ImageSet
+
+    gen = torch.Generator().manual_seed(0)
+    per_class = max(1, n // train.num_classes)
+    index = torch.cat([i[torch.randperm(len(i), generator=gen)[:per_class]] for i in train.class_indices()])
+    return ImageSet(train.images[index], train.labels[index], train.class_names, train.name)
+
+
+if __name__ == "__main__":
+    main()

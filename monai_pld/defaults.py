@@ -1,0 +1,41 @@
+"""Default optimisation settings per parameterisation space and matcher, chosen on validation splits.
+
+One Adam step of the same learning rate moves an image by very different amounts in pixel space, in a generator's
+bottleneck latent and in an intermediate decoder feature map, so every space has its own learning rate (GLaD tunes
+each space separately for the same reason). The values below are those chosen by
+``benchmarks/select_learning_rates.py`` on the validation splits of RetinaMNIST and Fashion-MNIST (never a test
+split); its output is committed as ``docs/tuning/learning_rates.json`` and a test checks that this table matches it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OPTIMIZERS", "SPACES", "DEFAULT_LEARNING_RATES", "latent_space", "default_learning_rates"]
+
+OPTIMIZERS = ("adam", "sgd")
+SPACES = ("pixel", "latent", "feature")
+
+# (space, matcher) -> (lr_codes, lr_network) for Adam. MTT and DC share DM's values unless a selection says otherwise.
+DEFAULT_LEARNING_RATES: dict[tuple[str, str], tuple[float, float]] = {
+    ("pixel", "dm"): (0.01, 0.001),
+    ("latent", "dm"): (0.1, 0.001),
+    ("feature", "dm"): (0.03, 0.001),
+    ("pixel", "dc"): (0.01, 0.001),
+    ("latent", "dc"): (0.1, 0.001),
+    ("feature", "dc"): (0.03, 0.001),
+    ("pixel", "mtt"): (0.01, 0.001),
+    ("latent", "mtt"): (0.1, 0.001),
+    ("feature", "mtt"): (0.03, 0.001),
+}
+
+
+def latent_space(parameterization: str, latent_layer: int = 0) -> str:
+    """``pixel`` for pixel distillation, ``latent`` for the generator's bottleneck, ``feature`` for an intermediate
+    decoder feature map (``latent_layer > 0``)."""
+    if parameterization == "pixel":
+        return "pixel"
+    return "feature" if latent_layer else "latent"
+
+
+def default_learning_rates(parameterization: str, matcher: str, latent_layer: int = 0) -> tuple[float, float]:
+    """``(lr_codes, lr_network)`` that ``lr_codes: auto`` / ``lr_network: auto`` resolve to."""
+    return DEFAULT_LEARNING_RATES[(latent_space(parameterization, latent_layer), matcher)]
