@@ -98,5 +98,18 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     assert received.manifest["source"]["licence"] == "internal research only"
     assert received.manifest["source"]["dataset"] == "Test hospital biopsies 2026"
     assert "Licence: internal research only" in received.files["README.md"].read_text()
+    drawn = received.manifest["privacy_audit"]["drawn"]
+    assert drawn["distribution_samples"]["images"] == 8 * 6 and drawn["generator_prior"]["images"] == 256
+    assert "Drawn by a receiving site, generator prior" in received.files["README.md"].read_text()
+
+    # without the generator nothing can be decoded at the receiving site, so nothing more is drawn
+    bare = tmp_path / "bare"
+    run_config(
+        "export.yaml", **common, distilled=str(out), output=str(bare), audit_feature_epochs=0, force=True,
+        include_generator=False,
+    )
+    card = (bare / "README.md").read_text()
+    assert not (bare / "generator.pt").exists() and "not in this package" in card
+    assert "drawn" not in json.loads((bare / "manifest.json").read_text())["privacy_audit"]
     assert (tmp_path / "artifacts").is_dir()
     assert {p.name for p in REPO.iterdir()} <= before | {".pytest_cache"}

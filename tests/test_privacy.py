@@ -203,3 +203,68 @@ def test_write_audit(splits, tmp_path):
     assert summary["heldout_split"] == "toy" and summary["synthetic_images"] == 5
     with pytest.raises(ValueError, match="audit covers 5"):
         write_audit(result, tmp_path / "x", synthetic[:2], train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a receiving site can draw: samples of the distribution and decodes of the generator's prior
+
+
+class _FixedDecoder(torch.nn.Module):
+    """A generator whose every decode is one of ``images`` (chosen by the latent's sign pattern): a decoder that
+    memorised them, or one that draws unrelated images."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.register_buffer("images", images.float() / 255.0)
+        self.latent_shape = (2, 2, 2)
+
+    def decode(self, f):
+        pick = (f.flatten(1)[:, 0] > 0).long() % len(self.images)
+        return self.images[pick]
+
+
+def _slfd(codes, labels, log_var):
+    from monai_pld.networks.latent_distribution import SLFDistribution
+
+    slfd = SLFDistribution(codes, labels, 3, rank=0, diagonal=True, log_var_min=-30.0, init_log_var=log_var)
+    slfd.hyper_parameters = {"kind": "slfd"}
+    return slfd
+
+
+def test_distribution_samples_close_to_training_images_fail_the_audit(splits):
+    from monai_pld.networks.generators import PixelGenerator
+
+    train, heldout = splits
+    index = [0, 1, 30, 31, 60, 61]
+    generator = PixelGenerator((3, SIZE, SIZE))
+    far = checkerboards(6)
+    # slots at training images with a tiny variance: every sample is a near-copy
+    copying = _slfd(train.float_images(torch.tensor(index)), train.labels[index], log_var=-25.0)
+    drawn = privacy.shared_model_images(copying, generator, samples_per_slot=3, prior_samples=5, seed=1)
+    assert set(drawn) == {"distribution_samples"}  # the pixel identity has no prior to sample
+    assert drawn["distribution_samples"]["images"].shape == (18, 3, SIZE, SIZE)
+    result = audit(far, train, heldout, drawn=drawn)
+    assert result["near_copies"] == 0 and result["drawn"]["distribution_samples"]["near_copies"] == 18
+    assert not result["passed"] and result["drawn_near_copies"] == 18
+    assert audit_summary(result)["drawn"]["distribution_samples"]["near_copies"] == 18
+    with pytest.raises(PrivacyAuditError, match=r"18 of 18 distribution samples .*include_distribution false"):
+        check_audit(result)
+    # slots far from every training image: their samples pass
+    unrelated = _slfd(far.float() / 255.0, train.labels[index], log_var=-25.0)
+    drawn = privacy.shared_model_images(unrelated, generator, samples_per_slot=3, seed=1)
+    result = audit(far, train, heldout, drawn=drawn)
+    assert result["passed"] and result["drawn"]["distribution_samples"]["near_copies"] == 0
+
+
+def test_generator_prior_decodes_are_audited(splits):
+    train, heldout = splits
+    far = checkerboards(4)
+    memorised = privacy.shared_model_images(None, _FixedDecoder(train.images[[5, 50]]), prior_samples=40, seed=0)
+    assert memorised["generator_prior"]["images"].shape == (40, 3, SIZE, SIZE)
+    result = audit(far, train, heldout, drawn=memorised)
+    report = result["drawn"]["generator_prior"]
+    assert report["near_copies"] == 40 and report["exact_copies"] == 40
+    assert {c["nearest_train_index"] for c in report["closest"]} <= {5, 50}
+    assert not result["passed"]
+    harmless = privacy.shared_model_images(None, _FixedDecoder(checkerboards(2, seed=8)), prior_samples=40)
+    assert audit(far, train, heldout, drawn=harmless)["passed"]

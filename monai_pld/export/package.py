@@ -247,6 +247,21 @@ def _read_note(read: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def _drawn_note(drawn: Mapping[str, Any] | None, generator: Mapping[str, Any]) -> list[str]:
+    """The audit of what a receiving site can draw from the shipped distribution and generator."""
+    lines = [""]
+    for name, r in (drawn or {}).items():
+        lines.append(
+            f"Drawn by a receiving site, {name.replace('_', ' ')} ({r['source']}): {r['near_copies']} near-copies, "
+            f"{r['exact_copies']} exact (closest RMS {r['min_distance']:.4f}), same threshold."
+        )
+    if generator.get("class") == "AutoencoderKLGenerator" and not generator.get("packaged"):
+        lines.append("The generator (trained on the source images) is not in this package.")
+    elif not drawn:
+        lines.append("Nothing beyond the images above can be drawn from this package.")
+    return lines
+
+
 def _card(manifest: Mapping[str, Any]) -> str:
     source = manifest["source"]
     audit = manifest.get("privacy_audit") or {}
@@ -277,6 +292,7 @@ def _card(manifest: Mapping[str, Any]) -> str:
             f"held-out images (threshold {audit.get('pixel_threshold'):.4f} RMS), {audit.get('exact_copies')} exact "
             f"copies; membership-inference AUC {audit.get('membership_auc'):.3f} (0.5 = no signal). {verdict}",
             "See `privacy/audit.json` and `privacy/closest_pairs.png`.",
+            *_drawn_note(audit.get("drawn"), manifest.get("generator") or {}),
         ]
     else:
         lines.append("**No privacy audit was run for this package.**")
@@ -321,6 +337,8 @@ def export_package(
     tracking_uri: str | None = None,
     experiment_name: str = "monai_pld",
     attribution: Mapping[str, str] | None = None,
+    audit_samples_per_slot: int = 8,
+    audit_prior_samples: int = 256,
 ) -> Path:
     """Write the distilled set of a finished run as a package (a folder, or a ``.zip`` when ``output`` ends so).
 
@@ -348,6 +366,8 @@ def export_package(
         attribution: ``{"dataset", "licence", "attribution", "url"}`` of the source data for the card and manifest
             (a site's own ``description`` and ``licence`` for custom data); default: what the run's manifest
             recorded, else :func:`monai_pld.data.dataset_attribution` of its dataset.
+        audit_samples_per_slot, audit_prior_samples: what the audit draws from a shipped distribution (samples per
+            slot) and generator (decodes of prior latents) besides the images (:func:`shared_model_images`).
 
     Returns:
         the package path.
@@ -370,6 +390,7 @@ def export_package(
     # the cheap checks of the inputs first, the audit (minutes on a large training split) after them
     generator_record = dict(run_manifest.get("generator") or {})
     has_distribution = include_distribution and (folder / "distribution.pt").is_file()
+    gen_path = None
     if has_distribution:
         members["distribution.pt"] = (folder / "distribution.pt").read_bytes()
         if include_generator and generator_record.get("class") == "AutoencoderKLGenerator":
@@ -398,7 +419,18 @@ def export_package(
         from monai_pld.export.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
 
         synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, **dict(audit_kwargs or {}))
+        kwargs = dict(audit_kwargs or {})
+        drawn = {}
+        if has_distribution:
+            drawn = _shared_model_draws(
+                folder / "distribution.pt",
+                gen_path if "generator.pt" in members else None,
+                generator_record,
+                audit_samples_per_slot,
+                audit_prior_samples,
+                int(kwargs.get("seed", 0)),
+            )
+        result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, drawn=drawn, **kwargs)
         result["settings"]["heldout_split"] = heldout_split
         # written beside the distilled set first, so that a refused export still shows what was found
         written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
@@ -477,6 +509,31 @@ def export_package(
     if tracking_uri:
         _log_mlflow(output, run_manifest, tracking_uri, experiment_name)
     return output
+
+
+def _shared_model_draws(
+    distribution_path: Path,
+    generator_path: Path | None,
+    generator_record: Mapping[str, Any],
+    samples_per_slot: int,
+    prior_samples: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """What a receiving site can draw from the shipped distribution and generator (nothing to decode the
+    distribution with when the generator stays home, unless it is the pixel identity)."""
+    from monai_pld.builders import load_distribution
+    from monai_pld.export.privacy import shared_model_images
+    from monai_pld.networks.generators import PixelGenerator, load_generator
+
+    distribution = load_distribution(distribution_path)
+    layer = int(distribution.hyper_parameters.get("latent_layer", 0) or 0)
+    base = generator = None
+    if generator_path is not None:
+        base = load_generator(generator_path)
+        generator = base if not layer else load_generator(generator_path, latent_layer=layer)
+    elif generator_record.get("class") == "PixelGenerator":
+        generator = PixelGenerator(tuple(generator_record["latent_shape"]))
+    return shared_model_images(distribution, generator, samples_per_slot, prior_samples, seed, prior_generator=base)
 
 
 def _attribution(flag: str) -> dict[str, str]:

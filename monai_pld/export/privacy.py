@@ -7,6 +7,10 @@ kind typically comes to the training set, and a synthetic image closer than the 
 flagged. Distances are RMS per-pixel differences in ``[0, 1]`` (so thresholds compare across image sizes) and,
 optionally, Euclidean distances between L2-normalised features of a network trained on the real training split.
 
+What a receiving site can draw is audited with the same rule: many samples of a shipped distribution (several per
+slot) and decodes of random latents from the shipped generator's prior (a standard normal over its latent), each
+against the training images (:func:`shared_model_images`, the ``drawn`` argument of :func:`audit_privacy`).
+
 A membership-inference AUC summarises the whole set: can training images be told from held-out images by how close
 they come to the synthetic set? 0.5 means no signal; near 1 means the synthetic set reveals who was in the training
 split.
@@ -28,7 +32,14 @@ import torch
 from monai_pld.data import ImageSet
 from monai_pld.utils import atomic_save_json, atomic_write, derive_seed, resolve_device
 
-__all__ = ["PrivacyAuditError", "audit_privacy", "write_audit", "audit_summary", "check_audit"]
+__all__ = [
+    "PrivacyAuditError",
+    "audit_privacy",
+    "write_audit",
+    "audit_summary",
+    "check_audit",
+    "shared_model_images",
+]
 
 logger = logging.getLogger("monai_pld")
 
@@ -40,6 +51,8 @@ EMBED_BATCH = 512
 # an RMS difference of at most one grey level: identical after uint8 rounding, up to tiny noise
 EXACT_COPY_DISTANCE = 1.0 / 255.0
 REPORTED_PERCENTILES = (1, 5, 50)
+# closest drawn images kept per source in the audit record (all distances would be thousands of numbers)
+DRAWN_CLOSEST = 8
 
 
 class PrivacyAuditError(ValueError):
@@ -273,6 +286,70 @@ def _membership_auc(member_distance: np.ndarray, heldout_distance: np.ndarray) -
     return float(roc_auc_score(truth, -np.concatenate([member_distance, heldout_distance])))
 
 
+@torch.no_grad()
+def shared_model_images(
+    distribution: torch.nn.Module | None = None,
+    generator: torch.nn.Module | None = None,
+    samples_per_slot: int = 8,
+    prior_samples: int = 256,
+    seed: int = 0,
+    prior_generator: torch.nn.Module | None = None,
+    chunk_size: int = 256,
+) -> dict[str, dict[str, Any]]:
+    """Images a receiving site can draw from what a package ships, for :func:`audit_privacy` ``drawn``.
+
+    * ``distribution_samples``: ``samples_per_slot`` seeded draws of every slot of a stochastic distribution
+      (``render(generator, "sample", seed)``); deterministic codes have nothing beyond their images and are skipped.
+    * ``generator_prior``: ``prior_samples`` decodes of latents drawn from the generator's prior, a standard normal
+      of shape ``latent_shape`` (the AutoencoderKL's KL term pulls its latents towards it), by ``prior_generator``
+      when given (the bottleneck generator when the distribution uses an intermediate layer), else ``generator``.
+      A generator without a prior to sample (the pixel identity) is skipped.
+
+    Returns:
+        ``{name: {"images": float (N, C, H, W) in [0, 1], "source": description}}``.
+    """
+    _check_limit("samples_per_slot", samples_per_slot)
+    _check_limit("prior_samples", prior_samples)
+    drawn: dict[str, dict[str, Any]] = {}
+    stochastic = distribution is not None and distribution.hyper_parameters.get("kind") == "slfd"
+    if stochastic and generator is not None:
+        images = [distribution.render(generator, "sample", seed=derive_seed(seed, 20, s))[0] for s in range(samples_per_slot)]
+        drawn["distribution_samples"] = {
+            "images": torch.cat(images).cpu(),
+            "source": f"{samples_per_slot} samples of each of the distribution's {len(images[0])} slots",
+        }
+    decoder = prior_generator if prior_generator is not None else generator
+    if decoder is not None and type(decoder).__name__ != "PixelGenerator":
+        device = next(iter(decoder.parameters()), torch.empty(0)).device
+        rng = torch.Generator().manual_seed(derive_seed(seed, 21))
+        latents = torch.randn(int(prior_samples), *decoder.latent_shape, generator=rng)
+        images = [decoder.decode(chunk.to(device)).clamp(0.0, 1.0).cpu() for chunk in latents.split(chunk_size)]
+        drawn["generator_prior"] = {
+            "images": torch.cat(images),
+            "source": f"{prior_samples} decodes of standard-normal latents {tuple(decoder.latent_shape)} by the generator",
+        }
+    return drawn
+
+
+def _drawn_report(distance: np.ndarray, nearest: np.ndarray, threshold: float, source: str) -> dict[str, Any]:
+    flagged = distance < threshold
+    order = np.argsort(distance, kind="stable")[:DRAWN_CLOSEST]
+    return {
+        "source": source,
+        "images": len(distance),
+        "threshold": threshold,
+        "near_copies": int(flagged.sum()),
+        "exact_copies": int((distance <= EXACT_COPY_DISTANCE).sum()),
+        "flagged_fraction": float(flagged.mean()),
+        "min_distance": float(distance.min()),
+        "median_distance": float(np.median(distance)),
+        "closest": [
+            {"index": int(i), "pixel_distance": float(distance[i]), "nearest_train_index": int(nearest[i])}
+            for i in order
+        ],
+    }
+
+
 def audit_privacy(
     synthetic: torch.Tensor,
     synthetic_labels: torch.Tensor,
@@ -286,6 +363,7 @@ def audit_privacy(
     feature_train_images: int | None = 20000,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    drawn: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Check that no synthetic image is a near-copy of a real training image.
 
@@ -312,11 +390,15 @@ def audit_privacy(
             training images (another seeded subset). None uses all.
         seed: seed of the subsets and of the feature network.
         device: where distances and features are computed.
+        drawn: further images a receiving site can draw (:func:`shared_model_images`), each ``{"images",
+            "source"}``; they are held to the same pixel-space threshold, and a near-copy among them fails the audit
+            as one among the synthetic images does.
 
     Returns:
         A JSON-serialisable dict: ``settings``, ``pixel`` (and ``feature``) with the threshold, held-out distance
         percentiles, per-image nearest distances, nearest training indices and flags; ``exact_copies``,
-        ``near_copies``, ``passed``, ``membership_auc`` (and ``membership_auc_feature``) and ``per_image``.
+        ``near_copies``, ``passed``, ``membership_auc`` (and ``membership_auc_feature``), ``per_image`` and, with
+        ``drawn``, ``drawn`` (per source: counts, distances and the closest images) and ``drawn_near_copies``.
 
     Raises:
         ValueError: for images of different shapes, labels that do not fit, NaN or out-of-range float images, a
@@ -335,10 +417,23 @@ def audit_privacy(
 
     x_flat = x.flatten(1)
     heldout_flat = heldout.float_images(heldout_index).flatten(1)
-    # one pass over the reference for synthetic and held-out queries together
-    distance, nearest = _pixel_nearest(torch.cat([x_flat, heldout_flat]), train, reference, dev)
-    syn_distance, syn_nearest, heldout_distance = distance[: len(x)], nearest[: len(x)], distance[len(x) :]
+    drawn_flat = {}
+    for name, entry in (drawn or {}).items():
+        images = _as_unit_float(entry["images"])
+        if tuple(images.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"drawn images {name!r} have shape {tuple(images.shape[1:])}, not {tuple(x.shape[1:])}")
+        drawn_flat[name] = images.flatten(1)
+    # one pass over the reference for synthetic, held-out and drawn queries together
+    queries = torch.cat([x_flat, heldout_flat, *drawn_flat.values()])
+    distance, nearest = _pixel_nearest(queries, train, reference, dev)
+    end = len(x) + len(heldout_flat)
+    syn_distance, syn_nearest, heldout_distance = distance[: len(x)], nearest[: len(x)], distance[len(x) : end]
     pixel = _space_report(syn_distance, syn_nearest, heldout_distance, percentile)
+    drawn_reports = {}
+    for name, flat in drawn_flat.items():
+        part = slice(end, end + len(flat))
+        drawn_reports[name] = _drawn_report(distance[part], nearest[part], pixel["threshold"], drawn[name]["source"])
+        end += len(flat)
 
     # membership: the synthetic set is the reference, training (member) and held-out images are the queries
     scale = math.sqrt(x_flat.shape[1])
@@ -389,14 +484,18 @@ def audit_privacy(
 
     pixel_percentile = _percentile_of(syn_distance, heldout_distance)
     near_copies = int(sum(pixel["flagged"]))
+    drawn_near = sum(r["near_copies"] for r in drawn_reports.values())
     audit.update(
         {
             "exact_copies": int((syn_distance <= EXACT_COPY_DISTANCE).sum()),
             "near_copies": near_copies,
-            "passed": near_copies == 0,
+            "passed": near_copies == 0 and drawn_near == 0,
             "membership_auc": membership_auc,
         }
     )
+    if drawn_reports:
+        audit["drawn"] = drawn_reports
+        audit["drawn_near_copies"] = drawn_near
     per_image = []
     for i in range(len(x)):
         entry: dict[str, Any] = {
@@ -512,6 +611,11 @@ def audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
         "heldout_images": settings["heldout_images"],
         "member_images": settings["member_images"],
     }
+    if "drawn" in audit:
+        summary["drawn"] = {
+            name: {k: r[k] for k in ("source", "images", "near_copies", "exact_copies", "min_distance")}
+            for name, r in audit["drawn"].items()
+        }
     if "feature" in audit:
         summary.update(
             {
@@ -540,13 +644,20 @@ def check_audit(audit: dict[str, Any], force: bool = False) -> None:
     finding = (
         f"{audit['near_copies']} of {settings['synthetic_images']} synthetic images are closer to a training image "
         f"than the {settings['percentile']:g}th percentile of held-out images (worst RMS distance "
-        f"{pixel['min_distance']:.4f} < threshold {pixel['threshold']:.4f}; {audit['exact_copies']} exact copies)"
+        f"{pixel['min_distance']:.4f}, threshold {pixel['threshold']:.4f}; {audit['exact_copies']} exact copies)"
     )
+    for name, r in (audit.get("drawn") or {}).items():
+        if r["near_copies"]:
+            finding += (
+                f"; {r['near_copies']} of {r['images']} {name.replace('_', ' ')} ({r['source']}) too (worst "
+                f"{r['min_distance']:.4f})"
+            )
     if force:
         logger.warning(f"privacy audit failed but export was forced: {finding}")
         return
     raise PrivacyAuditError(
         f"privacy audit failed: {finding}. They may reproduce patient images; see closest_pairs.png. Distil with "
-        "--init noise or more --iterations so the images move away from their real initialisation, or export "
-        "anyway with --force true"
+        "--init noise or more --iterations so the images move away from their real initialisation; leave out what "
+        "draws near-copies (--include_distribution false, --include_generator false); or export anyway with "
+        "--force true"
     )
