@@ -22,7 +22,6 @@ import torch
 from .base import ImageSet
 from .cache import cache_folder, decode_into, fingerprint, load_or_build
 from .custom import _assign_splits, _check_classes, _Source, _split_file
-from .preprocess import Preprocess
 
 __all__ = ["IMAGE_SUFFIXES", "list_csv", "list_datalist", "list_folder", "load_files", "read_image"]
 
@@ -99,7 +98,7 @@ def _load_with_monai(path: str, suffix: str) -> np.ndarray:
 class _Decode:
     """``i -> (uint8 image, notes)`` or ``(None, error)``; module level so DataLoader workers can unpickle it."""
 
-    def __init__(self, files: list[str], prep: Preprocess) -> None:
+    def __init__(self, files: list[str], prep: Any) -> None:
         self.files, self.prep = files, prep
 
     def __call__(self, i: int) -> tuple[np.ndarray | None, list[str] | str]:
@@ -122,8 +121,13 @@ def _check_inside(files: list[str], where: list[str], root: Path, allow_outside:
     if allow_outside:
         return
     real_root = os.path.realpath(root)
+    real_dirs: dict[str, str] = {}  # a few folders hold many images: resolve each folder once, not every file
     for path, entry in zip(files, where, strict=True):
-        if not _inside(os.path.realpath(path), real_root):
+        folder, name = os.path.split(path)
+        if folder not in real_dirs:
+            real_dirs[folder] = os.path.realpath(folder)
+        real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[folder], name)
+        if not _inside(real, real_root):
             raise ValueError(
                 f"{entry}: {path} lies outside {real_root} (through '..' or a symlink); move the image under that "
                 "folder, or set data_options allow_outside_root: true if the source is trusted"
@@ -136,6 +140,7 @@ def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[
     if "train" not in split_dirs:
         split_dirs = {None: root}
     per_split: dict[str | None, dict[str, list[str]]] = {}
+    real_root = os.path.realpath(root)
     for split, folder in split_dirs.items():
         classes = sorted(
             e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name
@@ -147,10 +152,7 @@ def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[
             )
         per_split[split] = {}
         for name in classes:
-            found = []
-            for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [os.path.join(dirpath, f) for f in sorted(filenames) if _suffix(f) in IMAGE_SUFFIXES]
+            found = _images_under(str(folder / name), real_root, allow_outside)
             if not found:
                 raise ValueError(
                     f"class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images of "
@@ -167,11 +169,34 @@ def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[
             splits += [split] * len(found)
     if not files:
         raise ValueError(f"{root} holds no images")
-    if not allow_outside:
-        links = [f for f in files if os.path.islink(f)]
-        _check_inside(links, links, root, False)
-    keys = [os.path.relpath(f, root) for f in files]
-    return _Source(keys, np.asarray(labels, dtype=np.int64), splits, class_names), files
+    return _Source(_relative(files, root), np.asarray(labels, dtype=np.int64), splits, class_names), files
+
+
+def _images_under(folder: str, real_root: str, allow_outside: bool) -> list[str]:
+    """Image files under ``folder``, sorted, hidden entries skipped; a symlink leading outside ``real_root`` is
+    refused unless ``allow_outside`` (``os.scandir`` knows which entries are links without another system call)."""
+    found: list[str] = []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not allow_outside and not _inside(os.path.realpath(entry.path), real_root):
+            raise ValueError(
+                f"{entry.path} lies outside {real_root} (through a symlink); move the image under that folder, or "
+                "set data_options allow_outside_root: true if the source is trusted"
+            )
+        if entry.is_dir():
+            found += _images_under(entry.path, real_root, allow_outside)
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            found.append(entry.path)
+    return found
+
+
+def _relative(files: list[str], base: Path) -> list[str]:
+    """Keys of the files: their paths relative to ``base`` (a prefix cut when they lie under it, which is most)."""
+    prefix = os.path.join(os.path.abspath(base), "")
+    return [f[len(prefix) :] if f.startswith(prefix) else os.path.relpath(f, base) for f in files]
 
 
 def _label_indices(values: list[Any], where: list[str], mapping: dict | None, source: str) -> tuple[list[int], list[str]]:
@@ -272,8 +297,7 @@ def list_datalist(path: Path, allow_outside: bool = False) -> tuple[_Source, lis
     labels, names = _label_indices(values, where, document.get("labels"), str(path))
     _check_exist(files, where)
     _check_inside(files, where, base, allow_outside)
-    keys = [os.path.relpath(f, base) for f in files]
-    return _Source(keys, np.asarray(labels, dtype=np.int64), splits, names), files
+    return _Source(_relative(files, base), np.asarray(labels, dtype=np.int64), splits, names), files
 
 
 def list_csv(path: Path, path_column: str, label_column: str, allow_outside: bool = False) -> tuple[_Source, list[str]]:
@@ -300,8 +324,7 @@ def list_csv(path: Path, path_column: str, label_column: str, allow_outside: boo
     labels, names = _label_indices([row[label_column] or "" for row in rows], where, None, str(path))
     _check_exist(files, where)
     _check_inside(files, where, base, allow_outside)
-    keys = [os.path.relpath(f, base) for f in files]
-    return _Source(keys, np.asarray(labels, dtype=np.int64), [None] * len(rows), names), files
+    return _Source(_relative(files, base), np.asarray(labels, dtype=np.int64), [None] * len(rows), names), files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +352,8 @@ def _unreadable_message(failures: list[tuple[str, str]]) -> str:
 
 
 def _decode_all(files: list[str], size: int, channels: int, opts: dict[str, Any], what: str) -> dict:
+    from .preprocess import Preprocess  # MONAI's transforms take seconds to import; a cached load needs none
+
     prep = Preprocess(size, channels, opts["intensity"])
     images = np.zeros((len(files), channels, size, size), dtype=np.uint8)
     readable = np.ones(len(files), dtype=bool)
