@@ -369,3 +369,15 @@ def test_check_dataset_for_custom(tmp_path):
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction < 1"):
         check_dataset("custom", 28, tmp_path, {"val_fraction": 0.5, "test_fraction": 0.5})
     check_dataset("custom", 28, tmp_path, {"format": "folder"})
+
+
+def test_distillation_config_check_covers_custom_data(tmp_path):
+    from monai_pld.utils import check_distillation_config
+
+    common = {"ipc": 1, "iterations": 1, "matcher": "dm", "parameterization": "slfd", "rank": 0, "image_size": 28}
+    with pytest.raises(ConfigError, match="'dataset_dir' is not set.*--dataset_dir"):
+        check_distillation_config(**common, dataset_flag="custom", dataset_dir=None)
+    with pytest.raises(ConfigError, match="'skip_unreadable' must be true or false"):
+        check_distillation_config(**common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={"skip_unreadable": "maybe"})
+    checked = check_distillation_config(**common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={})
+    assert checked["iterations"] == 1

@@ -116,9 +116,10 @@ def check_dataset(
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
             raise ValueError(f"'image_size' must be an integer >= 8 for custom data, got {image_size!r}")
         if root is None or not os.path.exists(os.path.expanduser(str(root))):
+            problem = "is not set" if root is None else f"{str(root)!r} does not exist"
             raise ValueError(
-                f"'dataset_dir' {str(root)!r} does not exist; with dataset_flag custom it must be an image folder, a "
-                ".json datalist, a .csv or an .npz, e.g. --dataset_dir /data/site_images"
+                f"'dataset_dir' {problem}; with dataset_flag custom it must be an image folder, a .json datalist, a "
+                ".csv or an .npz, e.g. --dataset_dir /data/site_images"
             )
         source_format(Path(os.path.expanduser(str(root))), opts["format"])
         return
