@@ -16,6 +16,22 @@ from monai_pld.export import load_distilled
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "custom"
 CLASSES = ("benign", "inflamed", "malignant")
+# a few iterations of a narrow network through a barely pretrained generator: the wiring, not the quality
+TINY = {
+    "iterations": 3,
+    "ipc": 2,
+    "batch_real_per_class": 4,
+    "generator_steps": 4,
+    "generator_batch_size": 16,
+    "generator_min_psnr": 0.0,
+    "matching_net_width": 16,
+    "matching_net_depth": 2,
+    "log_interval": 1,
+    "grid_interval": 3,
+    "checkpoint_interval": 3,
+    "eval_interval": 3,
+    "eval_epochs": 2,
+}
 
 
 def _site_folder(root: Path, per_class: int = 14) -> Path:
@@ -58,25 +74,7 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
         "num_workers": 0,
     }
     out = tmp_path / "run"
-    run_config(
-        "train.yaml",
-        **common,
-        output_dir=str(out),
-        generator_dir=str(tmp_path / "generators"),
-        iterations=3,
-        ipc=2,
-        batch_real_per_class=4,
-        generator_steps=4,
-        generator_batch_size=16,
-        generator_min_psnr=0.0,
-        matching_net_width=16,
-        matching_net_depth=2,
-        log_interval=1,
-        grid_interval=3,
-        checkpoint_interval=3,
-        eval_interval=3,
-        eval_epochs=2,
-    )
+    run_config("train.yaml", **common, **TINY, output_dir=str(out), generator_dir=str(tmp_path / "generators"))
     manifest = json.loads((out / "distilled" / "manifest.json").read_text())
     assert manifest["dataset"]["flag"] == "custom"
     assert manifest["dataset"]["attribution"]["licence"] == "internal research only"
@@ -113,3 +111,36 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     assert "drawn" not in json.loads((bare / "manifest.json").read_text())["privacy_audit"]
     assert (tmp_path / "artifacts").is_dir()
     assert {p.name for p in REPO.iterdir()} <= before | {".pytest_cache"}
+
+
+@pytest.mark.slow
+def test_custom_pretraining_and_experts_read_an_npz(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    images = (60 * labels[:, None, None] + rng.integers(0, 40, (60, 28, 28))).astype(np.uint8)
+    np.savez(tmp_path / "site.npz", train_images=images, train_labels=labels, class_names=np.array(CLASSES))
+    monkeypatch.chdir(REPO)
+    common = {
+        "dataset_dir": str(tmp_path / "site.npz"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "device": "cpu",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    mlflow.MlflowClient(tracking_uri=common["tracking_uri"]).create_experiment(
+        "monai_pld", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    generator = tmp_path / "generators" / "custom_site_28px_autoencoderkl.pt"
+    run_config(
+        "pretrain_generator.yaml", **common, generator_dir=str(tmp_path / "generators"), generator_steps=2,
+        generator_batch_size=8, generator_min_psnr=0.0,
+    )
+    assert generator.is_file()
+    experts = tmp_path / "experts"
+    run_config(
+        "train_experts.yaml", **common, expert_dir=str(experts), num_experts=1, expert_train_epochs=1,
+        expert_batch_size=16, matching_net_width=16, matching_net_depth=2,
+    )
+    assert list(experts.glob("expert_*.pt"))
+    # the held-out split carved from the npz's training images is written once and shared by both steps
+    (split_file,) = (tmp_path / "cache").glob("site_*_split_seed0.json")
+    assert len(json.loads(split_file.read_text())["heldout"]["test"]) == 6
