@@ -84,7 +84,9 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     assert list((site / ".monai_pld_cache").glob("site_*_split_seed0.json"))
 
     evaluation = tmp_path / "eval"
-    run_config("evaluate.yaml", **common, distilled=str(out), backbones=["convnet"], epochs=2, output_dir=str(evaluation))
+    run_config(
+        "evaluate.yaml", **common, distilled=str(out), backbones=["convnet"], epochs=2, output_dir=str(evaluation)
+    )
     results = json.loads((evaluation / "results.json").read_text())
     assert results["runs"][0]["backbone"] == "convnet"
 
@@ -103,7 +105,12 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     # without the generator nothing can be decoded at the receiving site, so nothing more is drawn
     bare = tmp_path / "bare"
     run_config(
-        "export.yaml", **common, distilled=str(out), output=str(bare), audit_feature_epochs=0, force=True,
+        "export.yaml",
+        **common,
+        distilled=str(out),
+        output=str(bare),
+        audit_feature_epochs=0,
+        force=True,
         include_generator=False,
     )
     card = (bare / "README.md").read_text()
@@ -131,14 +138,24 @@ def test_custom_pretraining_and_experts_read_an_npz(tmp_path, monkeypatch):
     )
     generator = tmp_path / "generators" / "custom_site_28px_autoencoderkl.pt"
     run_config(
-        "pretrain_generator.yaml", **common, generator_dir=str(tmp_path / "generators"), generator_steps=2,
-        generator_batch_size=8, generator_min_psnr=0.0,
+        "pretrain_generator.yaml",
+        **common,
+        generator_dir=str(tmp_path / "generators"),
+        generator_steps=2,
+        generator_batch_size=8,
+        generator_min_psnr=0.0,
     )
     assert generator.is_file()
     experts = tmp_path / "experts"
     run_config(
-        "train_experts.yaml", **common, expert_dir=str(experts), num_experts=1, expert_train_epochs=1,
-        expert_batch_size=16, matching_net_width=16, matching_net_depth=2,
+        "train_experts.yaml",
+        **common,
+        expert_dir=str(experts),
+        num_experts=1,
+        expert_train_epochs=1,
+        expert_batch_size=16,
+        matching_net_width=16,
+        matching_net_depth=2,
     )
     assert list(experts.glob("expert_*.pt"))
     # the held-out split carved from the npz's training images is written once and shared by both steps

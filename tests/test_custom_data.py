@@ -57,7 +57,10 @@ def test_npz_without_class_names_resized_and_converted(tmp_path):
 def test_npz_train_only_gets_a_stratified_split_file_reused(tmp_path):
     _npz(tmp_path / "t.npz", n=60, splits=("train",))
     opts = {"val_fraction": 0.2, "test_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
-    sets = {s: load_dataset("custom", s, tmp_path / "t.npz", image_size=12, data_options=opts) for s in ("train", "val", "test")}
+    sets = {
+        s: load_dataset("custom", s, tmp_path / "t.npz", image_size=12, data_options=opts)
+        for s in ("train", "val", "test")
+    }
     assert [len(sets[s]) for s in ("train", "val", "test")] == [42, 12, 6]
     assert torch.bincount(sets["val"].labels).tolist() == [4, 4, 4]
     files = list((tmp_path / "cache").glob("*split*.json"))
@@ -76,15 +79,21 @@ def test_npz_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="lacks train_images/train_labels"):
         load_dataset("custom", "train", tmp_path / "nolabels.npz")
     np.savez(
-        tmp_path / "range.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.array([0, 5]),
+        tmp_path / "range.npz",
+        train_images=np.zeros((2, 4, 4), np.uint8),
+        train_labels=np.array([0, 5]),
         class_names=np.array(["a", "b"]),
     )
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
         load_dataset("custom", "train", tmp_path / "range.npz")
     np.savez(
-        tmp_path / "empty.npz", train_images=np.zeros((4, 4, 4), np.uint8), train_labels=np.array([0, 0, 2, 2]),
-        val_images=np.zeros((1, 4, 4), np.uint8), val_labels=np.array([0]),
-        test_images=np.zeros((1, 4, 4), np.uint8), test_labels=np.array([0]),
+        tmp_path / "empty.npz",
+        train_images=np.zeros((4, 4, 4), np.uint8),
+        train_labels=np.array([0, 0, 2, 2]),
+        val_images=np.zeros((1, 4, 4), np.uint8),
+        val_labels=np.array([0]),
+        test_images=np.zeros((1, 4, 4), np.uint8),
+        test_labels=np.array([0]),
     )
     with pytest.raises(ValueError, match=r"class 1 \(1\) has no training images"):
         load_dataset("custom", "train", tmp_path / "empty.npz", image_size=4)
@@ -137,7 +146,9 @@ def test_folder_of_mixed_files_is_converted_cropped_resized_and_counted(tmp_path
     palette = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
     palette.save(root / "b" / "5_palette.png")
     _png(root / "b" / "6_grey.bmp", _grey(6))
-    data = load_dataset("custom", "train", root, image_size=8, data_options=_opts(tmp_path, val_fraction=0, test_fraction=0))
+    data = load_dataset(
+        "custom", "train", root, image_size=8, data_options=_opts(tmp_path, val_fraction=0, test_fraction=0)
+    )
     assert data.images.shape == (7, 1, 8, 8) and data.class_names == ["a", "b"]
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert torch.equal(data.images[0, 0], torch.from_numpy(np.array(Image.open(grey))))
@@ -203,12 +214,13 @@ def test_datalist_with_nifti_labels_mapping_and_sections(tmp_path):
 
 def test_csv_with_class_names_and_relative_paths(tmp_path):
     _folder(tmp_path / "img", per_class=5)
-    rows = ["path,diagnosis"] + [
-        f"img/{name}/{i:03d}.png,{name}" for name in ("malignant", "benign") for i in range(5)
-    ]
+    rows = ["path,diagnosis"] + [f"img/{name}/{i:03d}.png,{name}" for name in ("malignant", "benign") for i in range(5)]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     opts = _opts(tmp_path, csv_path_column="path", csv_label_column="diagnosis", val_fraction=0.2, test_fraction=0.2)
-    sets = {s: load_dataset("custom", s, tmp_path / "labels.csv", image_size=8, data_options=opts) for s in ("train", "val", "test")}
+    sets = {
+        s: load_dataset("custom", s, tmp_path / "labels.csv", image_size=8, data_options=opts)
+        for s in ("train", "val", "test")
+    }
     assert sets["train"].class_names == ["benign", "malignant"]
     assert [len(sets[s]) for s in ("train", "val", "test")] == [6, 2, 2]
     assert sorted(sets["val"].labels.tolist()) == [0, 1]
@@ -339,7 +351,9 @@ def test_csv_errors(tmp_path):
         load_dataset("custom", "train", tmp_path / "a.csv", data_options=_opts(tmp_path))
     (tmp_path / "b.csv").write_text("image,label\nimg/benign/000.png,0\nimg/benign/001.png,2\n")
     with pytest.raises(ValueError, match=r"class 1 \(1\) has no training images"):
-        load_dataset("custom", "train", tmp_path / "b.csv", data_options=_opts(tmp_path, val_fraction=0, test_fraction=0))
+        load_dataset(
+            "custom", "train", tmp_path / "b.csv", data_options=_opts(tmp_path, val_fraction=0, test_fraction=0)
+        )
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path):
@@ -378,6 +392,8 @@ def test_distillation_config_check_covers_custom_data(tmp_path):
     with pytest.raises(ConfigError, match="'dataset_dir' is not set.*--dataset_dir"):
         check_distillation_config(**common, dataset_flag="custom", dataset_dir=None)
     with pytest.raises(ConfigError, match="'skip_unreadable' must be true or false"):
-        check_distillation_config(**common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={"skip_unreadable": "maybe"})
+        check_distillation_config(
+            **common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={"skip_unreadable": "maybe"}
+        )
     checked = check_distillation_config(**common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={})
     assert checked["iterations"] == 1

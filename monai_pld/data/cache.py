@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,18 +78,17 @@ def decode_into(
             logger.info(f"decoded {done}/{n} {what} ({rate:.0f}/s)")
 
 
-def load_or_build(path: Path, build: Callable[[], dict[str, np.ndarray]], keep: Sequence[str] = ()) -> dict:
+def load_or_build(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays of the npz at ``path``, building and writing it (atomically) first when it is missing.
 
     Older caches of the same source (files named ``<prefix>_*.npz`` with ``path``'s prefix, the name up to the
-    fingerprint) are removed after a rebuild so a changing folder does not fill the disk. ``keep`` lists arrays to
-    return besides ``images``; all are returned when empty.
+    fingerprint) are removed after a rebuild so a changing folder does not fill the disk.
     """
     from monai_pld.utils import atomic_savez
 
     if path.is_file():
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in (npz.files if not keep else ["images", *keep])}
+            return {k: npz[k] for k in npz.files}
     arrays = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savez(path, **arrays)

@@ -58,7 +58,7 @@ DEFAULT_DATA_OPTIONS: dict[str, Any] = {
 def _fail(key: str, value: Any, expected: str) -> None:
     from monai_pld.utils import ConfigError
 
-    raise ConfigError(f"data_options '{key}' must be {expected}, got {value!r}; e.g. --data_options#{key} ...")
+    raise ConfigError(f"data_options '{key}' must be {expected}, got {value!r} (bundles/custom: --{key} <value>)")
 
 
 def check_data_options(options: dict[str, Any] | None) -> dict[str, Any]:

@@ -142,9 +142,7 @@ def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[
     per_split: dict[str | None, dict[str, list[str]]] = {}
     real_root = os.path.realpath(root)
     for split, folder in split_dirs.items():
-        classes = sorted(
-            e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name
-        )
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name)
         if split is None and not classes:
             raise ValueError(
                 f"{folder} holds no class folders: an image folder needs one subfolder per class, e.g. "
@@ -199,7 +197,9 @@ def _relative(files: list[str], base: Path) -> list[str]:
     return [f[len(prefix) :] if f.startswith(prefix) else os.path.relpath(f, base) for f in files]
 
 
-def _label_indices(values: list[Any], where: list[str], mapping: dict | None, source: str) -> tuple[list[int], list[str]]:
+def _label_indices(
+    values: list[Any], where: list[str], mapping: dict | None, source: str
+) -> tuple[list[int], list[str]]:
     """Labels (ints or class names) to indices and the class names.
 
     With a ``mapping`` (a datalist's ``labels``: index -> name, or name -> index) every label must be in it. Without
@@ -212,7 +212,7 @@ def _label_indices(values: list[Any], where: list[str], mapping: dict | None, so
             try:
                 by_index = {int(v): str(k) for k, v in mapping.items()}
             except (TypeError, ValueError) as e:
-                raise ValueError(f"{source}: 'labels' must map class indices to names, e.g. {{\"0\": \"normal\"}}") from e
+                raise ValueError(f'{source}: \'labels\' must map class indices to names, e.g. {{"0": "normal"}}') from e
         if sorted(by_index) != list(range(len(by_index))):
             raise ValueError(f"{source}: the 'labels' indices must be 0..{len(by_index) - 1}, got {sorted(by_index)}")
         names = [by_index[i] for i in range(len(by_index))]
@@ -259,8 +259,10 @@ def _resolve(base: Path, image: str) -> str:
 def _check_exist(files: list[str], where: list[str]) -> None:
     for path, entry in zip(files, where, strict=True):
         if not os.path.isfile(path):
-            raise ValueError(f"{entry}: image {path} does not exist; fix the path (relative paths are relative to the "
-                             "list's folder) or remove the entry")
+            raise ValueError(
+                f"{entry}: image {path} does not exist; fix the path (relative paths are relative to the "
+                "list's folder) or remove the entry"
+            )
 
 
 def list_datalist(path: Path, allow_outside: bool = False) -> tuple[_Source, list[str]]:
@@ -274,7 +276,7 @@ def list_datalist(path: Path, allow_outside: bool = False) -> tuple[_Source, lis
         raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from e
     if not isinstance(document, dict) or not isinstance(document.get("training"), list) or not document["training"]:
         raise ValueError(
-            f"{path} needs a non-empty 'training' list of {{\"image\": path, \"label\": class}} entries (MONAI "
+            f'{path} needs a non-empty \'training\' list of {{"image": path, "label": class}} entries (MONAI '
             "datalist convention), plus optional 'validation' and 'test' lists and a 'labels' mapping"
         )
     base = path.parent
@@ -407,8 +409,9 @@ def load_files(path: Path, fmt: str, split: str, size: int, opts: dict[str, Any]
         failures = [(p, "recorded as unreadable in the cache") for p in record["skipped"]]
         raise ValueError(_unreadable_message(failures))
     keep = np.flatnonzero(readable)
-    source = _Source([source.keys[i] for i in keep], source.labels[keep], [source.splits[i] for i in keep],
-                     source.class_names)
+    source = _Source(
+        [source.keys[i] for i in keep], source.labels[keep], [source.splits[i] for i in keep], source.class_names
+    )
     splits = _assign_splits(source, opts, _split_file(path, opts))
     pick = np.flatnonzero(splits == split)
     if not len(pick):

@@ -113,7 +113,9 @@ def check_dataset(
     """
     if flag == "custom":
         opts = check_data_options(data_options)
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8
+        ):
             raise ValueError(f"'image_size' must be an integer >= 8 for custom data, got {image_size!r}")
         if root is None or not os.path.exists(os.path.expanduser(str(root))):
             problem = "is not set" if root is None else f"{str(root)!r} does not exist"
@@ -134,8 +136,8 @@ def check_dataset(
             medmnist_info(flag)
         except ValueError as e:
             raise ValueError(
-                f"{e}; or cifar10, or an ImageNet subset: {', '.join(IMAGENET_SUBSETS)}, or custom (a site's own images "
-                "in dataset_dir)"
+                f"{e}; or cifar10, or an ImageNet subset: {', '.join(IMAGENET_SUBSETS)}, or custom (a site's own "
+                "images in dataset_dir)"
             ) from e
         if image_size not in (None, *SIZES):
             raise ValueError(f"'image_size' must be one of {list(SIZES)} for MedMNIST, got {image_size!r}")

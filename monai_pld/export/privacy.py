@@ -313,7 +313,9 @@ def shared_model_images(
     drawn: dict[str, dict[str, Any]] = {}
     stochastic = distribution is not None and distribution.hyper_parameters.get("kind") == "slfd"
     if stochastic and generator is not None:
-        images = [distribution.render(generator, "sample", seed=derive_seed(seed, 20, s))[0] for s in range(samples_per_slot)]
+        images = [
+            distribution.render(generator, "sample", seed=derive_seed(seed, 20, s))[0] for s in range(samples_per_slot)
+        ]
         drawn["distribution_samples"] = {
             "images": torch.cat(images).cpu(),
             "source": f"{samples_per_slot} samples of each of the distribution's {len(images[0])} slots",
@@ -326,7 +328,7 @@ def shared_model_images(
         images = [decoder.decode(chunk.to(device)).clamp(0.0, 1.0).cpu() for chunk in latents.split(chunk_size)]
         drawn["generator_prior"] = {
             "images": torch.cat(images),
-            "source": f"{prior_samples} decodes of standard-normal latents {tuple(decoder.latent_shape)} by the generator",
+            "source": f"{prior_samples} decodes of standard-normal latents {tuple(decoder.latent_shape)}",
         }
     return drawn
 
