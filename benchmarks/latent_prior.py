@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 
 from monai_pld.builders import build_trainer
 from monai_pld.data import load_dataset
@@ -82,7 +83,7 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         },
     )
     losses = []
-    trainer.add_event_handler("iteration_completed", lambda e: losses.append(e.state.output[0].get("loss", 0.0)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0].get("loss", 0.0)))
     start = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - start

@@ -7,10 +7,13 @@ import pytest
 import torch
 from conftest import write_medmnist_npz
 
-from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
+from monai_pld.builders import build_matcher, build_optimizer, build_parameterization, build_trainer
 from monai_pld.data import ClassBalancedBatches, load_medmnist
+from monai_pld.defaults import DEFAULT_LEARNING_RATES
 from monai_pld.engines import DistillationTrainer, ensure_generator, pretrain_generator, reconstruction_metrics
+from monai_pld.engines.evaluation import load_image_source
 from monai_pld.engines.generator import random_flips, warn_if_blurry
+from monai_pld.handlers.export import export_distilled_set
 from monai_pld.networks.generators import AutoencoderKLGenerator, GeneratorCheckpointError, default_autoencoder_config
 
 
@@ -257,3 +260,37 @@ def test_optimizer_groups_and_learning_rates(tiny, name, cls):
         assert groups["codes"]["momentum"] == 0.5
     with pytest.raises(ValueError, match="'optimizer' must be one of"):
         build_optimizer(trainer.parameterization, optimizer="lbfgs")
+
+
+def test_a_feature_layer_run_is_read_back_at_its_layer(tiny, tmp_path):
+    """Distil into decoder block 2; the exported distribution, read with the generator checkpoint alone, renders the
+    images that images.npz holds."""
+    _, data = tiny
+    torch.manual_seed(0)
+    path = tmp_path / "g.pt"
+    AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).save(path)
+    trainer = build_trainer(
+        data,
+        "slfd",
+        "dm",
+        ipc=2,
+        iterations=2,
+        generator_path=path,
+        generator_policy="any",
+        latent_layer=2,
+        rank=2,
+        batch_real_per_class=4,
+        device="cpu",
+        matcher_args={"embedder_kwargs": {"width": 16}},
+    )
+    assert trainer.generator.latent_shape == (32, 14, 14) and trainer.parameterization.latent_shape == (32, 14, 14)
+    assert trainer.optimizer.param_groups[0]["lr"] == DEFAULT_LEARNING_RATES[("feature", "dm")][0]
+    trainer.run()
+    manifest = export_distilled_set(
+        tmp_path / "distilled", trainer.parameterization, trainer.generator, data.class_names
+    )
+    assert manifest["generator"]["latent_layer"] == 2 and manifest["parameterization"]["latent_layer"] == 2
+    from_file = load_image_source(tmp_path / "distilled" / "distribution.pt", data, mode="mean")
+    with np.load(tmp_path / "distilled" / "images.npz") as npz:
+        exported = torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).float() / 255
+    assert (from_file.images - exported).abs().max() <= 1 / 255 + 1e-6

@@ -781,8 +781,9 @@ def load_distilled(
         from monai_pld.networks.generators import load_generator as read_generator
 
         try:
-            generator = read_generator(files["generator.pt"], map_location=map_location)
-        except GeneratorCheckpointError as e:
+            layer = 0 if distribution is None else distribution.hyper_parameters.get("latent_layer", 0)
+            generator = read_generator(files["generator.pt"], map_location=map_location, latent_layer=layer)
+        except (GeneratorCheckpointError, ValueError) as e:
             raise PackageError(f"{label}/generator.pt cannot be used: {e}") from e
     elif distribution is not None and (manifest.get("generator") or {}).get("class") == "PixelGenerator":
         from monai_pld.networks.generators import PixelGenerator
