@@ -32,44 +32,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_pld.builders import build_generator, build_matcher, build_optimizer, build_parameterization
-from monai_pld.data import ClassBalancedBatches, load_dataset
-from monai_pld.engines import DistillationTrainer
+from monai_pld.builders import build_trainer
+from monai_pld.data import load_dataset
 from monai_pld.engines.evaluation import ImageSource, load_image_source, summarise, train_and_test
 from monai_pld.utils import derive_seed
 
 
 def distil(kind, train, generator_path, args, ipc, rank=8, kl_weight=0.0):
     """Distil one row with ``args.matcher``; returns the parameterisation, its generator and seconds taken."""
-    generator = build_generator(
-        kind,
+    trainer = build_trainer(
         train,
-        generator_path,
-        "cpu",
-        dataset_flag=args.dataset,
-        dataset_dir=args.data_dir,
-        image_size=train.image_size,
-        download=False,
-        steps=args.generator_steps,
-    )
-    param = build_parameterization(kind, generator, train, ipc, rank=rank, seed=args.seed, kl_weight=kl_weight)
-    # DC with one outer step per network (GLaD's loops): the reference's 10 x 50 loops at IPC 10 are hours on a CPU
-    settings = {"loops": "glad"} if args.matcher == "dc" else {}
-    matcher = build_matcher(args.matcher, train, seed=args.seed, ipc=ipc, **settings)
-    trainer = DistillationTrainer(
-        "cpu",
-        args.iterations,
-        ClassBalancedBatches(train, args.batch_real, args.seed),
-        param,
-        generator,
-        matcher,
-        build_optimizer(param),
+        kind,
+        args.matcher,
+        ipc=ipc,
+        iterations=args.iterations,
+        generator_path=generator_path,
+        rank=rank,
         kl_weight=kl_weight,
+        batch_real_per_class=args.batch_real,
         seed=args.seed,
+        device="cpu",
+        # DC with one outer step per network (GLaD's loops): the reference's 10 x 50 loops at IPC 10 are hours on a CPU
+        matcher_args={"loops": "glad"} if args.matcher == "dc" else {},
+        pretrain={
+            "dataset_flag": args.dataset,
+            "dataset_dir": args.data_dir,
+            "image_size": train.image_size,
+            "download": False,
+            "steps": args.generator_steps,
+        },
     )
     start = time.perf_counter()
     trainer.run()
-    return param, generator, time.perf_counter() - start
+    return trainer.parameterization, trainer.generator, time.perf_counter() - start
 
 
 def source_for(row, param, generator, train, ipc, seed):
