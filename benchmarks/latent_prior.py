@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from monai_pld.builders import build_trainer
+from monai_pld.builders import build_trainer, load_distribution
 from monai_pld.data import load_dataset
 from monai_pld.engines.evaluation import ImageSource, load_image_source, train_and_test
-from monai_pld.networks.generators import load_generator
+from monai_pld.handlers.export import export_distilled_set
+from monai_pld.networks.generators import PixelGenerator, load_generator
 from monai_pld.utils import derive_seed
 
 
@@ -89,6 +90,26 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
     seconds = time.perf_counter() - start
     final = statistics.fmean(losses[-10:]) if losses and row["kind"] not in ("random", "full") else None
     return trainer.parameterization, trainer.generator, seconds, final
+
+
+def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
+    """Distil a row, or read it back from ``--sets`` when an earlier run (e.g. the validation-split selection) wrote
+    it with the same settings: the distilled set does not depend on the split it is later tested on."""
+    name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
+    name += f"_it{args.iterations}_{Path(args.generator_path).stem}"
+    folder = Path(args.sets) / name
+    if (folder / "distribution.pt").is_file():
+        param = load_distribution(folder / "distribution.pt")
+        if param.hyper_parameters["kind"] == "pixel":
+            generator = PixelGenerator((train.channels, train.image_size, train.image_size))
+        else:
+            generator = load_generator(args.generator_path, latent_layer=param.hyper_parameters.get("latent_layer", 0))
+        record = json.loads((folder / "record.json").read_text())
+        return param, generator, record["seconds"], record["final_loss"]
+    param, generator, seconds, loss = distil_row(row, train, args, ipc, seed)
+    export_distilled_set(folder, param, generator, train.class_names)
+    (folder / "record.json").write_text(json.dumps({"seconds": seconds, "final_loss": loss}))
+    return param, generator, seconds, loss
 
 
 def evaluate(source, train, test, args, seed, backbones):
@@ -161,6 +182,7 @@ def main() -> None:
     parser.add_argument("--generator-any", action="store_true", help="use --generator-path whatever made it")
     parser.add_argument("--generator-steps", type=int, default=None, help="default: the bundle's")
     parser.add_argument("--max-train", type=int, default=None, help="keep this many training images (stratified)")
+    parser.add_argument("--sets", default="results/latent_prior_sets", help="folder where distilled sets are kept and reused")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/latent_prior/run")
     parser.add_argument("--report", nargs="+", metavar="JSON")
@@ -191,6 +213,7 @@ def main() -> None:
     )
     print(header, flush=True)
     table = []
+    distilled: dict[tuple, tuple] = {}  # rows that differ only in how they are evaluated share one distillation
     for ipc in args.ipc:
         for spec in args.rows:
             row = parse_row(spec)
@@ -200,7 +223,10 @@ def main() -> None:
                     source = load_image_source(row["kind"], train, ipc=ipc, seed=seed)
                     seconds, loss = 0.0, None
                 else:
-                    param, generator, seconds, loss = distil_row(row, train, args, ipc, seed)
+                    key = (row["kind"], row["latent_layer"], row["lr_codes"], row["samples"], ipc, seed)
+                    if key not in distilled:
+                        distilled[key] = saved_or_distilled(row, train, args, ipc, seed)
+                    param, generator, seconds, loss = distilled[key]
                     source = ImageSource.from_distribution(param, generator, {"kind": spec}, row["mode"], seed)
                 results += evaluate(source, train, test, args, seed, args.backbones)
                 seconds_all.append(seconds)
