@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 from monai_pld.networks.generators import AutoencoderKLGenerator
 
-SIZES = {"(16, 32, 32) default": (16, 32, 32), "(32, 64, 64)": (32, 64, 64)}
+SIZES = {
+    "(16, 32) default, latent 4 x 14 x 14": (16, 32),
+    "(16, 32, 32) earlier default, latent 4 x 7 x 7": (16, 32, 32),
+    "(32, 64, 64)": (32, 64, 64),
+}
 
 
 def step_seconds(gen: AutoencoderKLGenerator, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:

@@ -20,13 +20,16 @@ import torch
 from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, ImageSet
 from monai_pld.engines import DistillationTrainer
-from monai_pld.networks.generators import AutoencoderKLGenerator, default_autoencoder_config
+from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
 
 VARIANTS = {
     "latent (deterministic codes)": dict(kind="latent"),
     "slfd rank 0, no diagonal (deterministic)": dict(kind="slfd", rank=0, diagonal=False),
     "slfd rank 8": dict(kind="slfd", rank=8),
     "slfd rank 8, 2 antithetic samples": dict(kind="slfd", rank=8, samples=2, antithetic=True),
+    "slfd rank 8 + its means (include_mean, the default)": dict(kind="slfd", rank=8, include_mean=True),
+    "latent, decoder block 2 (latent_layer 2)": dict(kind="latent", latent_layer=2),
+    "pixel": dict(kind="pixel"),
 }
 
 
@@ -39,6 +42,9 @@ def synthetic_set(num_classes: int, per_class: int, size: int, channels: int = 3
 
 def make_trainer(spec: dict, data: ImageSet, generator, ipc: int, batch_real: int, iters: int) -> DistillationTrainer:
     kwargs = {k: v for k, v in spec.items() if k in ("rank", "diagonal")}
+    if spec["kind"] == "pixel":
+        generator = PixelGenerator((data.channels, data.image_size, data.image_size))
+    generator = at_layer(generator, spec.get("latent_layer", 0))
     param = build_parameterization(spec["kind"], generator, data, ipc, **kwargs)
     return DistillationTrainer(
         "cpu",
@@ -50,6 +56,7 @@ def make_trainer(spec: dict, data: ImageSet, generator, ipc: int, batch_real: in
         build_optimizer(param),
         samples_per_slot=spec.get("samples", 1),
         antithetic=spec.get("antithetic", False),
+        include_mean=spec.get("include_mean", False),
     )
 
 

@@ -182,7 +182,9 @@ def main() -> None:
     parser.add_argument("--generator-any", action="store_true", help="use --generator-path whatever made it")
     parser.add_argument("--generator-steps", type=int, default=None, help="default: the bundle's")
     parser.add_argument("--max-train", type=int, default=None, help="keep this many training images (stratified)")
-    parser.add_argument("--sets", default="results/latent_prior_sets", help="folder where distilled sets are kept and reused")
+    parser.add_argument(
+        "--sets", default="results/latent_prior_sets", help="folder where distilled sets are kept and reused"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/latent_prior/run")
     parser.add_argument("--report", nargs="+", metavar="JSON")

@@ -55,7 +55,9 @@ def main() -> None:
         if run["split"] != "val":
             raise SystemExit(f"{path} was tested on the {run['split']!r} split: choose defaults on 'val' only")
         accuracy = {
-            row["row"]: statistics.fmean(r["accuracy"] for r in row["results"]) for row in data["rows"] if row["results"]
+            row["row"]: statistics.fmean(r["accuracy"] for r in row["results"])
+            for row in data["rows"]
+            if row["results"]
         }
         best = max(accuracy.values())
         for spec, acc in accuracy.items():
