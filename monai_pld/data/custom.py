@@ -195,6 +195,11 @@ def _assign_splits(source: _Source, opts: dict[str, Any], split_file: Path) -> n
             record = json.loads(split_file.read_text(encoding="utf-8"))
             if {k: record.get(k) for k in wanted} == wanted:
                 held = {s: list(record["heldout"][s]) for s in fractions}
+            else:
+                logger.warning(
+                    f"split file {split_file} was made with {record.get('fractions')}, not {fractions}: replacing it, "
+                    "so other images are held out than before (runs distilled before this one saw different ones)"
+                )
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning(f"split file {split_file} is unreadable ({e}); writing a new one")
     train = np.flatnonzero(splits == "train")
