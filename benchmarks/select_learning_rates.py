@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="latent_prior.py .json files of validation-split runs")
     parser.add_argument("--out", default="docs/tuning/learning_rates.json")
     args = parser.parse_args()
-    # (space, matcher) -> lr -> [relative accuracy per dataset]
-    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # validation accuracy of every row, per (dataset, matcher); several files of one dataset are merged
+    by_dataset: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     sources = []
     for path in args.results:
         data = json.loads(Path(path).read_text())
@@ -59,14 +59,18 @@ def main() -> None:
             for row in data["rows"]
             if row["results"]
         }
+        by_dataset[(f"{run['dataset']} {run['data_dir']}", run["matcher"])].update(accuracy)
+        sources.append(
+            {"file": str(path), "dataset": run["dataset"], "header": data.get("header"), "val_accuracy": accuracy}
+        )
+    # (space, matcher) -> lr -> [accuracy relative to the dataset's best row, one per dataset]
+    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (_, matcher), accuracy in by_dataset.items():
         best = max(accuracy.values())
         for spec, acc in accuracy.items():
             parsed = space_of(spec)
             if parsed is not None:
-                scores[(parsed[0], run["matcher"])][parsed[1]].append(acc - best)
-        sources.append(
-            {"file": str(path), "dataset": run["dataset"], "header": data.get("header"), "val_accuracy": accuracy}
-        )
+                scores[(parsed[0], matcher)][parsed[1]].append(acc - best)
     chosen = []
     for (space, matcher), by_lr in sorted(scores.items()):
         mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
@@ -76,7 +80,10 @@ def main() -> None:
                 "space": space,
                 "matcher": matcher,
                 "lr_codes": lr,
-                "grid": {str(k): round(v, 4) for k, v in sorted(mean.items())},
+                "grid": {
+                    str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])}
+                    for k in sorted(mean)
+                },
             }
         )
         print(f"{space:8s} {matcher}: lr_codes {lr}  (mean val accuracy relative to the best row: {mean})")
