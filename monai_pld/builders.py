@@ -313,7 +313,7 @@ def build_trainer(
     iterations: int = 600,
     generator_path: str | os.PathLike | None = None,
     generator_policy: str = "match",
-    latent_layer: int = 0,
+    latent_layer: int = 2,
     rank: int = 8,
     hidden_channels: int = 32,
     samples_per_slot: int = 1,

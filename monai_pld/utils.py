@@ -263,11 +263,7 @@ def check_distillation_config(
         _check_int("mtt_batch_syn", mtt_batch_syn, 1)
     _check_number("kl_weight", kl_weight, 0.0)
     _check_int("latent_layer", latent_layer, 0)
-    if latent_layer and parameterization not in ("slfd", "latent"):
-        raise ConfigError(
-            f"'latent_layer' {latent_layer} splits the generator's decoder, which only the latent parameterisations "
-            f"(slfd, latent) use; set --latent_layer 0 for {parameterization!r}"
-        )
+    # latent_layer splits the generator's decoder; pixel and the real-image baselines have no decoder and ignore it
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
     _check_number("momentum", momentum, 0.0)

@@ -48,9 +48,11 @@ def test_default_learning_rates_are_the_committed_selection():
         assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
 
 
-def test_latent_layer_is_for_latent_parameterisations_only():
-    with pytest.raises(ConfigError, match="'latent_layer' 2 splits the generator's decoder"):
-        check_distillation_config(**{**GOOD, "parameterization": "pixel"}, latent_layer=2)
+@pytest.mark.parametrize("kind", ["pixel", "random", "full"])
+def test_latent_layer_is_ignored_without_a_decoder(kind):
+    out = check_distillation_config(**{**GOOD, "parameterization": kind}, latent_layer=2)
+    if kind == "pixel":
+        assert out["lr_codes"] == DEFAULT_LEARNING_RATES[("pixel", "dm")][0]
 
 
 @pytest.mark.parametrize(
