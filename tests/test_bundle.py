@@ -203,4 +203,4 @@ def test_image_size_64(tmp_path):
         assert npz["images"].shape == (18, 64, 64, 3)
     assert (tmp_path / "generators" / "pathmnist_64px_autoencoderkl.pt").is_file()
     dist = torch.load(out / "distilled" / "distribution.pt", weights_only=True)
-    assert dist["latent_shape"] == [4, 16, 16]
+    assert dist["latent_shape"] == [32, 16, 16]  # decoder block 2 (latent_layer) of the 4 x 16 x 16 generator

@@ -213,7 +213,8 @@ def test_cifar10_bundle_with_a_preset(tmp_path, monkeypatch):
     assert images.shape == (10, 32, 32, 3) and manifest["ipc"] == 1
     assert manifest["config"]["dataset_flag"] == "cifar10"
     assert (tmp_path / "generators" / "cifar10_32px_autoencoderkl.pt").is_file()
-    assert manifest["generator"]["latent_shape"] == [4, 8, 8]
+    assert manifest["generator"]["latent_shape"] == [32, 16, 16]  # decoder block 2 of the 4 x 16 x 16 generator
+    assert manifest["generator"]["latent_layer"] == 2
 
 
 def test_imagenet_subset_bundle(tmp_path, monkeypatch):
