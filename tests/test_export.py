@@ -65,6 +65,10 @@ def rewrite_manifest(folder, change):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def state_layer(run) -> int:
+    return torch.load(run / "distilled" / "distribution.pt", weights_only=True)["hyper_parameters"]["latent_layer"]
+
+
 def test_round_trip_is_bit_exact(run, package, tmp_path):
     _, _, out = run
     with np.load(out / "distilled" / "images.npz") as original:
@@ -81,8 +85,10 @@ def test_round_trip_is_bit_exact(run, package, tmp_path):
         assert np.array_equal(loaded.labels.numpy(), labels) and loaded.class_names == names
         for key, value in state.items():
             assert torch.equal(loaded.distribution.state_dict()[key], value), key
+        shipped = getattr(loaded.generator, "base", loaded.generator)  # the checkpoint, read at the run's layer
+        assert getattr(loaded.generator, "layer", 0) == state_layer(out)
         for key, value in generator_state.items():
-            assert torch.equal(loaded.generator.state_dict()[key], value), key
+            assert torch.equal(shipped.state_dict()[key], value), key
         assert loaded.manifest["format"] == PACKAGE_FORMAT
     # the package's images are what the distribution and the generator render from the means
     loaded = load_distilled(package)

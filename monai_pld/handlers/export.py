@@ -33,7 +33,10 @@ DISTILLED_FORMAT = 1
 
 
 def _generator_record(generator: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {"class": type(generator).__name__, "latent_shape": list(generator.latent_shape)}
+    # the class of the checkpoint (generator.pt); a decoder split at a feature map is that checkpoint read at
+    # ``latent_layer``, and ``latent_shape`` is the shape of the distilled latents
+    base = getattr(generator, "base", generator)
+    record: dict[str, Any] = {"class": type(base).__name__, "latent_shape": list(generator.latent_shape)}
     for attr in ("checkpoint_path", "checkpoint_sha256"):
         if getattr(generator, attr, None) is not None:
             record[attr.replace("checkpoint_", "")] = getattr(generator, attr)
