@@ -4,9 +4,9 @@ import torch
 from monai_pld.networks.generators import (
     AutoencoderKLGenerator,
     ExternalGenerator,
+    FeatureLayerGenerator,
     GeneratorCheckpointError,
     PixelGenerator,
-    FeatureLayerGenerator,
     at_layer,
     default_autoencoder_config,
     load_generator,
