@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -33,8 +34,9 @@ import torch
 from ignite.engine import Events
 
 from monai_pld.builders import build_trainer, load_distribution
-from monai_pld.data import load_dataset
+from monai_pld.data import ImageSet, load_dataset
 from monai_pld.engines.evaluation import ImageSource, load_image_source, train_and_test
+from monai_pld.engines.generator import pretrain_generator
 from monai_pld.handlers.export import export_distilled_set
 from monai_pld.networks.generators import PixelGenerator, load_generator
 from monai_pld.utils import derive_seed
@@ -200,10 +202,6 @@ def main() -> None:
     if args.generator_path is None:
         args.generator_path = f"generators/{args.dataset}_{train.image_size}px_autoencoderkl.pt"
     if args.generator_steps is None:
-        import inspect
-
-        from monai_pld.engines.generator import pretrain_generator
-
         args.generator_steps = inspect.signature(pretrain_generator).parameters["steps"].default
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,8 +258,6 @@ def main() -> None:
 
 def subsample(train, n: int):
     """A stratified, seeded subset of ``n`` training images (a small archive)."""
-    from monai_pld.data import ImageSet
-
     gen = torch.Generator().manual_seed(0)
     per_class = max(1, n // train.num_classes)
     index = torch.cat([i[torch.randperm(len(i), generator=gen)[:per_class]] for i in train.class_indices()])

@@ -14,17 +14,10 @@ __all__ = ["OPTIMIZERS", "SPACES", "DEFAULT_LEARNING_RATES", "latent_space", "de
 OPTIMIZERS = ("adam", "sgd")
 SPACES = ("pixel", "latent", "feature")
 
-# (space, matcher) -> (lr_codes, lr_network) for Adam. MTT and DC share DM's values unless a selection says otherwise.
+# space -> (lr_codes, lr_network) for Adam. DC and MTT take DM's values: only DM was selected on this CPU.
+_BY_SPACE: dict[str, tuple[float, float]] = {"pixel": (0.01, 0.001), "latent": (0.1, 0.001), "feature": (0.03, 0.001)}
 DEFAULT_LEARNING_RATES: dict[tuple[str, str], tuple[float, float]] = {
-    ("pixel", "dm"): (0.01, 0.001),
-    ("latent", "dm"): (0.1, 0.001),
-    ("feature", "dm"): (0.03, 0.001),
-    ("pixel", "dc"): (0.01, 0.001),
-    ("latent", "dc"): (0.1, 0.001),
-    ("feature", "dc"): (0.03, 0.001),
-    ("pixel", "mtt"): (0.01, 0.001),
-    ("latent", "mtt"): (0.1, 0.001),
-    ("feature", "mtt"): (0.03, 0.001),
+    (space, matcher): rates for space, rates in _BY_SPACE.items() for matcher in ("dm", "dc", "mtt")
 }
 
 

@@ -224,7 +224,6 @@ def pretrain_generator(
     experiment_name: str = "monai_pld",
     run_name: str | None = None,
     network: dict[str, Any] | None = None,
-    epochs: int | None = None,
     data_options: dict[str, Any] | None = None,
 ) -> AutoencoderKLGenerator:
     """Train the default generator on a training split and save it atomically to ``generator_path``.
@@ -249,7 +248,6 @@ def pretrain_generator(
         tracking_uri: MLflow tracking URI; ``None`` logs nothing to MLflow.
         experiment_name, run_name: MLflow names (run name defaults to ``pretrain_<flag>_<size>px``).
         network: architecture choices, see :func:`pretrain_settings`.
-        epochs: deprecated: passes over the training split, converted to steps when given.
         data_options: further :func:`monai_pld.data.load_dataset` options (a site's own data).
 
     Returns:
@@ -271,8 +269,6 @@ def pretrain_generator(
     train_images = train.images
     if max_train_images is not None and len(train_images) > max_train_images:
         train_images = train_images[torch.linspace(0, len(train_images) - 1, int(max_train_images)).long()]
-    if epochs is not None:
-        steps = max(1, int(epochs) * math.ceil(len(train_images) / batch_size))
     check_generator_settings(
         {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "augment": augment}
     )
@@ -448,8 +444,6 @@ def settings_differences(
         if k not in ("in_channels", "image_size") and k in defaults
     }
     args["image_size"] = pretrain_kwargs.get("image_size", stored.get("image_size"))
-    if pretrain_kwargs.get("epochs") is not None:  # deprecated epochs: the step count depends on the data size
-        args["steps"] = stored.get("steps")
     channels = in_channels if in_channels is not None else generator.config["in_channels"]
     requested = pretrain_settings(in_channels=channels, **args)
     differences = []
