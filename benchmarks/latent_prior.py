@@ -156,8 +156,13 @@ def report(paths: list[str]) -> str:
                 if not values:
                     cells.append("")
                     continue
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}")
+                mean = f"{statistics.fmean(values):.{digits}f}"
+                # a single value has no spread to show: no "± 0" that would read as a measured one
+                cells.append(
+                    f"{mean} ± {statistics.stdev(values):.{digits}f} (n={len(values)})"
+                    if len(values) > 1
+                    else f"{mean} (n=1)"
+                )
                 if b != "convnet":
                     cross.append(statistics.fmean(values))
             cross_cell = f"{statistics.fmean(cross):.{digits}f}" if cross else ""
