@@ -1,16 +1,19 @@
-"""Small shared helpers: atomic file writes, checksums, config checks, seeds and version records."""
+"""Small shared helpers: atomic file writes, checksums, config checks, seeds, version records and the MLflow
+experiment every run logs into."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import torch
@@ -31,6 +34,8 @@ __all__ = [
     "check_distillation_config",
     "check_generator_settings",
     "flatten_params",
+    "default_artifact_location",
+    "mlflow_experiment",
     "MATCHERS",
     "PARAMETERIZATIONS",
     "BASELINES",
@@ -41,6 +46,8 @@ MATCHERS = ("dm", "dc", "mtt")
 PARAMETERIZATIONS = ("slfd", "latent", "pixel")  # monai_pld.defaults keys its learning rates by these
 BASELINES = ("random", "full")
 IMAGE_SIZES = (28, 32, 64, 128, 224)
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -334,3 +341,60 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
+
+
+def _artifact_uri(location: str | os.PathLike) -> str:
+    """A folder (absolute or relative to the working directory) as a ``file://`` URI; URIs are kept as they are."""
+    text = str(location)
+    if "://" in text:
+        return text
+    return Path(text).expanduser().absolute().as_uri()
+
+
+def default_artifact_location(tracking_uri: str | None) -> str | None:
+    """Where the artefacts of a new MLflow experiment go: the folder ``mlruns`` beside the database of a SQLite
+    tracking store (``sqlite:///mlruns.db`` -> ``./mlruns``), as MONAI's ``MLFlowHandler`` does; ``None`` for
+    other stores (a tracking server decides itself) and for an in-memory database.
+
+    Without it, MLflow puts a SQLite store's artefacts under the *working directory*, wherever the database is.
+    """
+    if not tracking_uri or not str(tracking_uri).startswith("sqlite:///"):
+        return None
+    path = unquote(urlsplit(str(tracking_uri)).path)  # "/rel.db" or "//abs.db" (one slash belongs to the URI)
+    path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        return None
+    return _artifact_uri(Path(path).parent / "mlruns")
+
+
+def mlflow_experiment(
+    tracking_uri: str | None, experiment_name: str, artifact_location: str | os.PathLike | None = None
+) -> str | None:
+    """The id of MLflow experiment ``experiment_name`` in ``tracking_uri``, created when missing with its artefacts
+    in ``artifact_location`` (default: :func:`default_artifact_location`). Every run of the project logs through
+    this experiment, so its artefacts never land in the working directory by accident.
+
+    MLflow fixes an experiment's artefact folder when the experiment is created: an existing experiment keeps its
+    own, and a different ``artifact_location`` given explicitly is reported as a warning. Returns ``None`` (and
+    touches nothing) when ``tracking_uri`` is empty.
+    """
+    if not tracking_uri:
+        return None
+    import mlflow
+
+    wanted = _artifact_uri(artifact_location) if artifact_location else default_artifact_location(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=str(tracking_uri))
+    found = client.get_experiment_by_name(experiment_name)
+    if found is None:
+        try:
+            return client.create_experiment(experiment_name, artifact_location=wanted)
+        except mlflow.exceptions.MlflowException:  # created by another process in the meantime
+            found = client.get_experiment_by_name(experiment_name)
+            if found is None:
+                raise
+    if artifact_location and found.artifact_location.rstrip("/") != str(wanted).rstrip("/"):
+        logger.warning(
+            f"MLflow experiment '{experiment_name}' already exists with its artefacts in {found.artifact_location}; "
+            f"they stay there (mlflow_artifacts {artifact_location} applies to new experiments only)"
+        )
+    return found.experiment_id

@@ -3,75 +3,26 @@ outputs of a run, MLflow records in a temporary sqlite store, resume after an in
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_CLI as TINY
+from helpers import checkout_state, new_in_checkout, run_bundle, shared_data_dir, write_medmnist_npz
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "bundles" / "pathmnist" / "train.yaml"
-
-
-def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout=600):
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(config),
-        "--dataset_dir",
-        str(data_dir),
-        "--generator_dir",
-        str(tmp_path / "generators"),
-        "--tracking_uri",
-        f"sqlite:///{tmp_path / 'mlruns.db'}",
-        "--device",
-        "cpu",
-        *map(str, overrides),
-    ]
-    # from the repository root, like a user: the bundles pull the shared workflow in with root-relative macros
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bundle failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-TINY = [
-    "--iterations",
-    4,
-    "--ipc",
-    2,
-    "--batch_real_per_class",
-    4,
-    "--generator_steps",
-    2,
-    "--log_interval",
-    2,
-    "--grid_interval",
-    2,
-    "--checkpoint_interval",
-    2,
-    "--eval_epochs",
-    2,
-]
+pytestmark = pytest.mark.slow  # every test here runs `python -m monai.bundle` (20 s to 2 min each)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from conftest import write_medmnist_npz
-
     tmp = tmp_path_factory.mktemp("bundle")
     data = tmp / "data"
     write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 90, "val": 18, "test": 18})
     out = tmp / "run"
+    before = checkout_state()
     proc = run_bundle(tmp, data, *TINY, "--output_dir", out, "--run_name", "tiny")
+    proc.new_in_checkout = new_in_checkout(before)  # what the run left in the repository (its working directory)
     return tmp, data, out, proc
 
 
@@ -116,6 +67,15 @@ def test_mlflow_records(finished_run):
     assert "val_mae" in pre.data.metrics
 
 
+def test_a_run_leaves_nothing_in_the_repository(finished_run):
+    """Run from the repository root with the store in a temporary folder, the MLflow artefacts go beside the store."""
+    tmp, _, _, proc = finished_run
+    assert proc.new_in_checkout == []
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}")
+    assert client.get_experiment_by_name("monai_pld").artifact_location == (tmp / "mlruns").as_uri()
+    assert list((tmp / "mlruns").rglob("manifest.json"))  # the distilled set, logged as artefacts
+
+
 def test_resume_continues_an_interrupted_run(finished_run):
     tmp, data, _, _ = finished_run
     # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true".
@@ -154,20 +114,22 @@ def test_bad_values_fail_before_any_work(tmp_path, key, value):
         tmp_path, tmp_path / "no-data", f"--{key}", value, "--output_dir", tmp_path / "out", check=False, timeout=120
     )
     assert proc.returncode != 0
-    assert f"'{key}'" in proc.stderr
+    # the project's message is the last thing printed, not MONAI's "Failed to evaluate ConfigExpression"
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("ConfigError: ") and f"'{key}'" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "generators").exists() and not (tmp_path / "out").exists()
 
 
 def test_missing_data_offline_names_folder_and_file(tmp_path):
     proc = run_bundle(tmp_path, tmp_path / "empty", "--output_dir", tmp_path / "out", check=False, timeout=180)
     assert proc.returncode != 0
-    assert "pathmnist.npz" in proc.stderr and str(tmp_path / "empty") in proc.stderr
-    assert "dataset_dir" in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]  # after MONAI's traceback
+    assert last.startswith("DatasetNotFoundError: ") and "pathmnist.npz" in last and str(tmp_path / "empty") in last
+    assert "dataset_dir" in last
 
 
 def test_real_retinamnist_by_override(tmp_path):
-    from conftest import shared_data_dir
-
     folder = shared_data_dir()
     if folder is None or not (folder / "retinamnist.npz").is_file():
         pytest.skip("retinamnist.npz not available (set MONAI_PLD_DATA)")
@@ -193,8 +155,6 @@ def test_real_retinamnist_by_override(tmp_path):
 
 
 def test_image_size_64(tmp_path):
-    from conftest import write_medmnist_npz
-
     data = tmp_path / "data"
     write_medmnist_npz(data / "pathmnist_64.npz", n_per_split={"train": 36, "val": 9, "test": 9}, size=64)
     out = tmp_path / "run64"

@@ -48,6 +48,23 @@ def test_no_macro_points_at_a_macro(path):
         assert not _contains_macro(target), f"{where}: {macro} points at another macro ({target!r:.80})"
 
 
+@pytest.mark.parametrize("path", BUNDLE_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_macros_name_their_targets(path):
+    """No macro counts list positions (``...#handlers#0``): inserting an item would shift every later one."""
+    for where, macro in _macros(yaml.safe_load(path.read_text()), path.name):
+        parts = re.split(r"#|::", macro[1:])[1:]
+        assert not any(part.isdigit() for part in parts), f"{where}: {macro} points at a list position"
+
+
+@pytest.mark.parametrize("bundle", ("pathmnist", "cifar10", "imagenet_subsets", "custom"))
+def test_each_bundle_uses_every_shared_handler_by_name(bundle):
+    shared = yaml.safe_load((REPO / "bundles" / "common" / "distillation.yaml").read_text())["handlers"]
+    handlers = yaml.safe_load((REPO / "bundles" / bundle / "train.yaml").read_text())["train"]["handlers"]
+    expected = [f"%bundles/common/distillation.yaml#handlers#{name}" for name in shared]
+    # MLflow last: the exporter logs into its run before the handler closes it
+    assert handlers == expected + ["@train#mlflow"]
+
+
 def test_pretraining_bundles_resolve_every_generator_key():
     from monai.bundle import ConfigParser
 

@@ -1,6 +1,7 @@
 """bundles/custom end to end on a tiny generated image folder: train, evaluate and export in-process with MONAI's
 ``ConfigWorkflow`` (the code path of ``python -m monai.bundle run``), then the package read back with
-``load_distilled``. MLflow records go to a temporary sqlite store and artefact folder."""
+``load_distilled``. MLflow records go to a temporary sqlite store and the artefact folder named by
+``mlflow_artifacts``."""
 
 import json
 from pathlib import Path
@@ -60,9 +61,6 @@ def run_config(name: str, **overrides):
 def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     site = _site_folder(tmp_path / "site")
     tracking = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    mlflow.MlflowClient(tracking_uri=tracking).create_experiment(
-        "monai_pld", artifact_location=(tmp_path / "artifacts").as_uri()
-    )
     before = {p.name for p in REPO.iterdir()}
     monkeypatch.chdir(REPO)  # the bundles' macros are relative to the repository root
     common = {
@@ -70,6 +68,7 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
         "description": "Test hospital biopsies 2026",
         "licence": "internal research only",
         "tracking_uri": tracking,
+        "mlflow_artifacts": str(tmp_path / "artifacts"),  # instead of mlruns/ beside the store
         "device": "cpu",
         "num_workers": 0,
     }
@@ -116,6 +115,8 @@ def test_custom_bundle_train_evaluate_export(tmp_path, monkeypatch):
     card = (bare / "README.md").read_text()
     assert not (bare / "generator.pt").exists() and "not in this package" in card
     assert "drawn" not in json.loads((bare / "manifest.json").read_text())["privacy_audit"]
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    assert client.get_experiment_by_name("monai_pld").artifact_location == (tmp_path / "artifacts").as_uri()
     assert (tmp_path / "artifacts").is_dir()
     assert {p.name for p in REPO.iterdir()} <= before | {".pytest_cache"}
 
@@ -133,9 +134,6 @@ def test_custom_pretraining_and_experts_read_an_npz(tmp_path, monkeypatch):
         "device": "cpu",
         "cache_dir": str(tmp_path / "cache"),
     }
-    mlflow.MlflowClient(tracking_uri=common["tracking_uri"]).create_experiment(
-        "monai_pld", artifact_location=(tmp_path / "artifacts").as_uri()
-    )
     generator = tmp_path / "generators" / "custom_site_28px_autoencoderkl.pt"
     run_config(
         "pretrain_generator.yaml",

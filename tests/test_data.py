@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_dir, write_medmnist_npz
+from helpers import shared_data_dir, write_medmnist_npz
 from medmnist import INFO
 
 from monai_pld.data import ClassBalancedBatches, DatasetNotFoundError, ImageSet, load_medmnist, medmnist_filename

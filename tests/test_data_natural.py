@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import WNIDS, write_cifar, write_subset
 from PIL import Image
 
 from monai_pld.data import (
@@ -16,28 +17,6 @@ from monai_pld.data import (
     load_dataset,
     load_imagenet_subset,
 )
-
-
-def write_cifar(root, per_batch=20, seed=0):
-    """The layout of the extracted cifar-10-python.tar.gz: Python-2-style pickles with bytes keys."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = [int(v) for v in np.arange(per_batch) % 10]
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        batches[name] = (data, labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump(
-                {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * per_batch},
-                f,
-                protocol=2,
-            )
-    with open(folder / "batches.meta", "wb") as f:
-        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-        pickle.dump({b"label_names": [n.encode() for n in names], b"num_vis": 3072}, f, protocol=2)
-    return batches
 
 
 class _Evil:
@@ -81,34 +60,6 @@ def test_cifar_missing_offline(tmp_path):
         load_cifar10("train", tmp_path / "nothing", download=False)
     message = str(err.value)
     assert str(tmp_path / "nothing" / "cifar-10-batches-py") in message and "dataset_dir" in message
-
-
-WNIDS = [
-    "n01440764",
-    "n02102040",
-    "n02979186",
-    "n03000684",
-    "n03028079",
-    "n03394916",
-    "n03417042",
-    "n03425413",
-    "n03445777",
-    "n03888605",
-]  # ImageNette's folders, in ImageNet-id order 0, 217, 482, ...
-
-
-def write_subset(root, per_class=2):
-    """A subset-only folder: train/ and val/ with 10 WordNet-id folders of non-square images; the left half of
-    every image is red, the right half has the class's brightness in green."""
-    for split in ("train", "val"):
-        for k, wnid in enumerate(WNIDS):
-            folder = root / split / wnid
-            folder.mkdir(parents=True)
-            for j in range(per_class):
-                array = np.zeros((40, 60 + 10 * j, 3), np.uint8)
-                array[:, : array.shape[1] // 2, 0] = 255
-                array[:, array.shape[1] // 2 :, 1] = 20 * k
-                Image.fromarray(array).save(folder / f"img{j}.png")
 
 
 def test_imagenet_subset_folder(tmp_path):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_medmnist_npz
+from helpers import write_medmnist_npz
 
 from monai_pld.builders import build_matcher, build_optimizer, build_parameterization, build_trainer
 from monai_pld.data import ClassBalancedBatches, load_medmnist

@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import write_medmnist_npz
+from helpers import write_medmnist_npz
 from monai.bundle import ConfigWorkflow
 
 from monai_pld.data import ImageSet

@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import write_medmnist_npz
+from helpers import write_cifar, write_medmnist_npz, write_subset
 from monai.bundle import ConfigWorkflow
 
 from monai_pld.builders import select_initial_indices
@@ -187,8 +187,6 @@ def test_external_generator_by_override(setup, tmp_path):
 def test_cifar10_bundle_with_a_preset(tmp_path, monkeypatch):
     """CIFAR-10 through its own bundle, composed with the IPC 1 preset, on a tiny copy of the torchvision layout;
     the generator is pretrained for 32 px on first use."""
-    from test_data_natural import write_cifar
-
     write_cifar(tmp_path / "data", per_batch=20)
     monkeypatch.chdir(REPO)
     out = tmp_path / "cifar"
@@ -218,8 +216,6 @@ def test_cifar10_bundle_with_a_preset(tmp_path, monkeypatch):
 
 
 def test_imagenet_subset_bundle(tmp_path, monkeypatch):
-    from test_data_natural import write_subset
-
     write_subset(tmp_path / "data", per_class=3)
     monkeypatch.chdir(REPO)
     out = tmp_path / "imagenette"

@@ -525,11 +525,10 @@ def evaluate_image_set(
 def _log_mlflow(uri: str, experiment: str, run_name: str, header: dict, summary: dict, out: Path) -> None:
     import mlflow
 
-    from monai_pld.utils import flatten_params
+    from monai_pld.utils import flatten_params, mlflow_experiment
 
+    exp_id = mlflow_experiment(uri, experiment)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     for key, value in flatten_params(header).items():

@@ -435,11 +435,10 @@ def _log_mlflow(
     """One MLflow run with the settings as params and every expert's results as metrics stepped by its index."""
     import mlflow
 
-    from monai_pld.utils import flatten_params
+    from monai_pld.utils import flatten_params, mlflow_experiment
 
+    exp_id = mlflow_experiment(tracking_uri, experiment_name)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
     run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     try:
         for key, value in flatten_params(settings).items():

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_pld.utils import atomic_write, library_versions, sha256_file
+from monai_pld.utils import atomic_write, library_versions, mlflow_experiment, sha256_file
 
 __all__ = [
     "PACKAGE_FORMAT",
@@ -604,8 +604,7 @@ def _log_mlflow(output: Path, run_manifest: Mapping[str, Any], tracking_uri: str
         except Exception:  # another store, or the run was deleted: log into a new run instead
             run_id = None
     if run_id is None:
-        found = client.get_experiment_by_name(experiment_name)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
+        experiment_id = mlflow_experiment(tracking_uri, experiment_name)
         run_id = client.create_run(experiment_id, run_name=f"export_{output.stem}").info.run_id
         client.set_terminated(run_id)
     if output.is_dir():
