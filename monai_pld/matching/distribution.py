@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from monai_pld.augment import DiffSiameseAugment
 from monai_pld.matching.base import Matcher
@@ -14,6 +16,23 @@ from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import derive_seed
 
 __all__ = ["DistributionMatcher"]
+
+_REAL_DTYPES = ("float32", "bfloat16")
+
+
+class _Embed(nn.Module):
+    """A network whose ``forward`` is its ``embed``, for ``torch.func.functional_call``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)
+
+
+# "auto" chunking: images whose first activation map takes about this much, within [_MIN_CHUNK, _MAX_CHUNK]
+_CHUNK_BYTES, _MIN_CHUNK, _MAX_CHUNK, _DEFAULT_CHUNK = 8 << 20, 4, 256, 16
 
 # last part of derive_seed(seed, step, part): keeps the embedder's and the augmentation's streams apart
 _EMBEDDER_STREAM, _AUGMENT_STREAM = 0, 1
@@ -38,6 +57,17 @@ class DistributionMatcher(Matcher):
         dsa_strategy: DSA families joined by ``_``; ``None`` or ``""`` disables augmentation.
         embedder: classifier registry name of the embedder (see :func:`~monai_pld.networks.get_classifier`).
         embedder_kwargs: its constructor arguments (``width``, ``depth``, ``norm``...).
+        embed_chunk: images per embedder call; ``"auto"`` (default) picks the number whose first activation map
+            takes about 8 MiB (20 images at 28 px with the default ConvNet), ``0`` embeds each set in one call.
+        real_dtype: ``float32`` (default) or ``bfloat16``: autocast dtype of the real images' embedding, which needs
+            no gradient. bfloat16 pays only on hardware with bfloat16 arithmetic (recent GPUs, CPUs with AVX-512
+            BF16 or AMX); on CPUs without it, it is many times slower.
+        channels_last: run the embedder in the channels-last memory format (faster on some GPUs; slower on the
+            CPUs measured).
+        compile: run the embedder through ``torch.compile`` (inductor), with the random weights of each step passed
+            as inputs so that one compiled graph serves every step. The first step takes a while longer (about 30 s
+            per graph on a CPU, and a C++ compiler must be installed); later steps embed the real images about a
+            third faster on the CPUs measured, so it pays on long runs.
 
     Raises:
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
@@ -54,12 +84,74 @@ class DistributionMatcher(Matcher):
         dsa_strategy: str | None = "color_crop_cutout_flip_scale_rotate",
         embedder: str = "convnet",
         embedder_kwargs: dict[str, Any] | None = None,
+        embed_chunk: int | str = "auto",
+        real_dtype: str = "float32",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes, image_size, mean, std, seed)
         self.augment = DiffSiameseAugment(dsa_strategy) if dsa_strategy else None
         self.embedder_name = embedder
         self.embedder_kwargs = dict(embedder_kwargs or {})
-        self.build_embedder(0, torch.device("cpu"))  # a bad name or argument fails here, not at the first step
+        if real_dtype not in _REAL_DTYPES:
+            raise ValueError(f"DM real_dtype must be one of {list(_REAL_DTYPES)}, got {real_dtype!r}")
+        self.real_dtype = real_dtype
+        self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
+        # device type -> compiled embedding; a plain dict, so the template network is not part of the state_dict
+        self._compiled: dict[str, Any] = {}
+        net = self.build_embedder(0, torch.device("cpu"))  # a bad name or argument fails here, not at the first step
+        self.batch_dependent = any(isinstance(m, _BatchNorm) for m in net.modules())
+        self.embed_chunk = self._resolve_chunk(embed_chunk, net)
+
+    def _resolve_chunk(self, embed_chunk: int | str, net: nn.Module) -> int:
+        """Images per embedder call (0: one call), from the setting and the embedder's first activation map."""
+        if embed_chunk == "auto":
+            if self.batch_dependent:
+                return 0
+            with torch.no_grad():
+                first = net.features[0] if hasattr(net, "features") else None
+                if not isinstance(first, nn.Conv2d):
+                    return _DEFAULT_CHUNK
+                side = self.image_size
+                per_image = first.out_channels * side * side * 4  # bytes of one float32 activation map
+            return max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_BYTES // per_image))
+        if isinstance(embed_chunk, bool) or not isinstance(embed_chunk, int) or embed_chunk < 0:
+            raise ValueError(
+                f"DM embed_chunk must be 'auto', 0 (one call) or a positive number of images, got {embed_chunk!r}"
+            )
+        return 0 if self.batch_dependent else int(embed_chunk)
+
+    def hyper_parameters(self) -> dict[str, Any]:
+        return {
+            **super().hyper_parameters(),
+            "embed_chunk": self.embed_chunk,
+            "real_dtype": self.real_dtype,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+        }
+
+    def _compiled_embed(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``net.embed`` through one compiled graph per device type that takes the weights as inputs."""
+        key = next(net.parameters()).device.type
+        if key not in self._compiled:
+            template = _Embed(self.build_embedder(0, next(net.parameters()).device))
+
+            def embed(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(template, state, (x,))
+
+            self._compiled[key] = torch.compile(embed, dynamic=False)
+        state = {f"net.{name}": value for name, value in (*net.named_parameters(), *net.named_buffers())}
+        return partial(self._compiled[key], state)
+
+    def _embed(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``net.embed`` of ``x``, ``embed_chunk`` images at a time."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        embed = self._compiled_embed(net) if self.compile else net.embed
+        if not self.embed_chunk or len(x) <= self.embed_chunk:
+            return embed(x)
+        return torch.cat([embed(part) for part in x.split(self.embed_chunk)])
 
     def build_embedder(self, step: int, device: torch.device | str) -> nn.Module:
         """The random embedder of ``step``: the same network whenever it is asked for.
@@ -79,7 +171,8 @@ class DistributionMatcher(Matcher):
             net = get_classifier(
                 self.embedder_name, self.in_channels, self.num_classes, self.image_size, **self.embedder_kwargs
             )
-        return net.to(device).requires_grad_(False).train()
+        net = net.to(device).requires_grad_(False).train()
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     def _class_means(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class mean features ``(num_classes, F)`` (zero for absent classes) and per-class counts."""
@@ -118,10 +211,12 @@ class DistributionMatcher(Matcher):
             real = self.normalize(real_images)
             if self.augment is not None:
                 real = self.augment(real, dsa_seed, groups=real_labels)
-            real_mean, real_count = self._class_means(net.embed(real), real_labels)
+            with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.real_dtype == "bfloat16"):
+                features = self._embed(net, real)
+            real_mean, real_count = self._class_means(features.float(), real_labels)
         syn = self.normalize(syn_images)
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
-        syn_mean, syn_count = self._class_means(net.embed(syn), syn_labels)
+        syn_mean, syn_count = self._class_means(self._embed(net, syn), syn_labels)
         present = ((real_count > 0) & (syn_count > 0)).to(syn_mean.dtype)
         return ((real_mean - syn_mean).pow(2).sum(1) * present).sum()

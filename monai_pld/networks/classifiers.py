@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CLASSIFIERS", "AlexNet", "ConvNet", "VGG11", "get_classifier"]
+__all__ = ["CLASSIFIERS", "AlexNet", "AvgPool2x2", "ConvNet", "VGG11", "get_classifier"]
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -27,8 +27,29 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "swish": nn.SiLU,
 }
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2, 2)`` with the same values (bit for bit, forward and backward), faster on the CPU.
+
+    PyTorch's CPU kernel for channels-first average pooling runs at a few GB/s: in a 28 px ConvNet it took more
+    time than the normalisation and activation layers together. Adding the four strided views of each 2x2 window
+    does the same sums in the same order about 3x faster (``benchmarks/dm_speed.py``). Other memory formats and
+    devices use the stock kernel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.ndim != 4 or not x.is_contiguous() or min(x.shape[2:]) < 2:
+            return super().forward(x)
+        x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]  # floor mode: an odd last row/column is dropped
+        return (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) * 0.25
+
+
 POOLS: dict[str, Callable[[], nn.Module]] = {
-    "avgpooling": lambda: nn.AvgPool2d(2, 2),
+    "avgpooling": AvgPool2x2,
     "maxpooling": lambda: nn.MaxPool2d(2, 2),
     "none": nn.Identity,
 }
