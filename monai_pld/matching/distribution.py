@@ -20,6 +20,10 @@ __all__ = ["DistributionMatcher"]
 _REAL_DTYPES = ("float32", "bfloat16")
 
 
+# compiled embeddings by architecture and device; module level, so no template network enters a state_dict
+_COMPILED: dict[tuple, Callable] = {}
+
+
 class _Embed(nn.Module):
     """A network whose ``forward`` is its ``embed``, for ``torch.func.functional_call``."""
 
@@ -98,8 +102,6 @@ class DistributionMatcher(Matcher):
         self.real_dtype = real_dtype
         self.channels_last = bool(channels_last)
         self.compile = bool(compile)
-        # device type -> compiled embedding; a plain dict, so the template network is not part of the state_dict
-        self._compiled: dict[str, Any] = {}
         net = self.build_embedder(0, torch.device("cpu"))  # a bad name or argument fails here, not at the first step
         self.batch_dependent = any(isinstance(m, _BatchNorm) for m in net.modules())
         self.embed_chunk = self._resolve_chunk(embed_chunk, net)
@@ -132,17 +134,22 @@ class DistributionMatcher(Matcher):
         }
 
     def _compiled_embed(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``net.embed`` through one compiled graph per device type that takes the weights as inputs."""
-        key = next(net.parameters()).device.type
-        if key not in self._compiled:
-            template = _Embed(self.build_embedder(0, next(net.parameters()).device))
+        """``net.embed`` through one compiled graph per embedder architecture and device type, which takes the
+        weights as inputs (shared by every matcher of the process, so a new run does not compile again)."""
+        device = next(net.parameters()).device
+        key = (
+            self.embedder_name, repr(sorted(self.embedder_kwargs.items())), self.in_channels, self.num_classes,
+            self.image_size, device.type, self.channels_last,
+        )
+        if key not in _COMPILED:
+            template = _Embed(self.build_embedder(0, device))
 
             def embed(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
                 return torch.func.functional_call(template, state, (x,))
 
-            self._compiled[key] = torch.compile(embed, dynamic=False)
+            _COMPILED[key] = torch.compile(embed, dynamic=False)
         state = {f"net.{name}": value for name, value in (*net.named_parameters(), *net.named_buffers())}
-        return partial(self._compiled[key], state)
+        return partial(_COMPILED[key], state)
 
     def _embed(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``net.embed`` of ``x``, ``embed_chunk`` images at a time."""
