@@ -38,6 +38,7 @@ import torch
 from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, ImageSet
 from monai_pld.engines import DistillationTrainer
+from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
 from monai_pld.utils import derive_seed
 
@@ -180,6 +181,58 @@ class Workload:
         return medians
 
 
+def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -> dict[str, float]:
+    """Median seconds of the pieces the speed settings change, each variant interleaved with its alternatives:
+    the real embedding (one call, per-class calls, ``auto`` chunks, channels-last, bfloat16), the ConvNet's 2x2
+    pooling, and the decoder's forward and backward on ``ipc x classes`` latents in chunks."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from monai_pld.networks.classifiers import AvgPool2x2  # noqa: PLC0415
+
+    n = args.classes * batch_real
+    real = torch.rand(n, 3, size, size)
+    auto = DistributionMatcher(3, args.classes, size).embed_chunk
+    net = DistributionMatcher(3, args.classes, size).build_embedder(1, "cpu")
+    bf16 = {"real_dtype": "bfloat16"}
+    embeds = {
+        "real embed: one call": DistributionMatcher(3, args.classes, size, embed_chunk=0),
+        f"real embed: per class ({batch_real} images per call, as the reference)": DistributionMatcher(
+            3, args.classes, size, embed_chunk=batch_real),
+        f"real embed: auto ({auto} images per call, the default)": DistributionMatcher(3, args.classes, size),
+        "real embed: auto, channels-last": DistributionMatcher(3, args.classes, size, channels_last=True),
+        "real embed: auto, bfloat16 autocast": DistributionMatcher(3, args.classes, size, **bf16),
+    }
+    nets = {name: m.build_embedder(1, "cpu") for name, m in embeds.items()}
+
+    def embed_real(name: str) -> None:
+        m = embeds[name]
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=m.real_dtype == "bfloat16"):
+            m._embed(nets[name], real)
+
+    decoder = AutoencoderKLGenerator(**default_autoencoder_config(size, 3)).freeze()
+    maps = torch.randn(auto, net.features[0].out_channels, size, size)
+    latents = torch.randn(args.classes * args.ipc, *decoder.latent_shape, requires_grad=True)
+
+    def decode(chunk: int) -> None:
+        parts_ = latents.split(chunk) if chunk else [latents]
+        torch.cat([decoder.decode(p) for p in parts_]).sum().backward()
+
+    jobs = {name: (lambda name=name: embed_real(name)) for name in embeds}
+    jobs[f"pool 2x2, torch avg_pool2d on {tuple(maps.shape)}"] = lambda: F.avg_pool2d(maps, 2, 2)
+    jobs[f"pool 2x2, AvgPool2x2 on {tuple(maps.shape)}"] = lambda: AvgPool2x2()(maps)
+    for chunk in (0, 30, 10, 5):
+        jobs[f"decode {len(latents)} latents, forward + backward, chunk {chunk or 'none (one call)'}"] = (
+            lambda chunk=chunk: decode(chunk))
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for r in range(reps + 1):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def peak_memory(args: argparse.Namespace) -> dict[str, float]:
     """Peak RSS (MiB) of one process per variant that builds the data and runs ``iters`` iterations."""
     out = {}
@@ -212,6 +265,7 @@ def main() -> None:
     p.add_argument("--trainer-args", type=json.loads, default={}, help="DistillationTrainer settings as JSON")
     p.add_argument("--phases", action="store_true", help="also time the parts of a pixel and a latent iteration")
     p.add_argument("--memory", action="store_true", help="peak RSS per variant (one process each) instead of time")
+    p.add_argument("--parts", action="store_true", help="time the pieces each speed setting changes instead")
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process of --memory
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
@@ -230,6 +284,14 @@ def main() -> None:
     results: dict = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.memory:
         results["peak_rss_mib"] = peak_memory(args)
+    elif args.parts:
+        for size in args.sizes:
+            for batch in args.batch_real:
+                key = f"{size}px batch {batch}"
+                results[key] = parts(args, size, batch)
+                print(f"| {key}: piece | s (median of 5) |\n| --- | --- |")
+                for name, sec in results[key].items():
+                    print(f"| {name} | {sec:.4f} |", flush=True)
     else:
         for size in args.sizes:
             for batch in args.batch_real:

@@ -319,7 +319,7 @@ def build_trainer(
     samples_per_slot: int = 1,
     antithetic: bool = False,
     include_mean: bool = True,
-    decode_chunk: int = 10,
+    decode_chunk: int = 30,
     kl_weight: float = 0.0,
     init: str = "real",
     optimizer: str = "adam",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +170,31 @@ def new_in_checkout(before):
     """Root names and untracked or ignored entries that appeared since ``before = checkout_state()``."""
     names, entries = checkout_state()
     return sorted((names - before[0]) | (entries - before[1]))
+
+
+def run_evaluation_bundle(tmp_path, **overrides):
+    """Run ``bundles/pathmnist/evaluate.yaml`` in this process from the repository root (as the bundles' macros
+    require; the caller chdirs there) on a small PathMNIST-layout file, with its MLflow store in ``tmp_path``.
+    ``overrides`` replace or add bundle keys. Returns the output folder."""
+    data = tmp_path / "data"
+    n_per_split = overrides.pop("n_per_split", {"train": 72, "val": 18, "test": 36})
+    write_medmnist_npz(data / "pathmnist.npz", n_per_split=n_per_split)
+    settings = {
+        "dataset_dir": str(data),
+        "download": False,
+        "distilled": "random",
+        "device": "cpu",
+        "output_dir": str(tmp_path / "eval"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        **overrides,
+    }
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / "bundles" / "pathmnist" / "evaluate.yaml"),
+        workflow_type="train",
+        logging_file=False,
+        **settings,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return Path(settings["output_dir"])

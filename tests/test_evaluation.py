@@ -1,14 +1,12 @@
 """Evaluation: metrics by hand, a separable toy set, mismatched sets, and the evaluation bundle end to end."""
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import write_medmnist_npz
-from monai.bundle import ConfigWorkflow
+from helpers import REPO, run_evaluation_bundle
 
 from monai_pld.data import ImageSet
 from monai_pld.engines.evaluation import (
@@ -20,8 +18,6 @@ from monai_pld.engines.evaluation import (
 )
 from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def colours(n_per_class, size=16, seed=0):
@@ -95,29 +91,10 @@ def test_backbones_take_28px_grey_and_rgb(name, channels):
 
 
 def test_evaluation_bundle_end_to_end(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 72, "val": 18, "test": 36})
     monkeypatch.chdir(REPO)
-    out = tmp_path / "eval"
-    workflow = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / "pathmnist" / "evaluate.yaml"),
-        workflow_type="train",
-        logging_file=False,
-        dataset_dir=str(data),
-        download=False,
-        distilled="random",
-        ipc=2,
-        backbones=["convnet", "alexnet"],
-        runs=1,
-        epochs=3,
-        device="cpu",
-        output_dir=str(out),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
-        run_name="eval_random",
+    out = run_evaluation_bundle(
+        tmp_path, ipc=2, backbones=["convnet", "alexnet"], runs=1, epochs=3, run_name="eval_random"
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     results = json.loads((out / "results.json").read_text())
     assert [r["backbone"] for r in results["runs"]] == ["convnet", "alexnet"]
     assert set(results["summary"]["per_backbone"]) == {"convnet", "alexnet"}

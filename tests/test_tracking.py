@@ -7,8 +7,7 @@ import logging
 import sys
 
 import mlflow
-from helpers import REPO, checkout_state, new_in_checkout, write_medmnist_npz
-from monai.bundle import ConfigWorkflow
+from helpers import REPO, checkout_state, new_in_checkout, run_evaluation_bundle
 
 from monai_pld import bundle_errors
 from monai_pld.utils import ConfigError, default_artifact_location, mlflow_experiment
@@ -42,28 +41,12 @@ def test_experiment_created_with_its_artefact_folder(tmp_path, monkeypatch, capl
 def test_a_bundle_run_from_the_repository_root_leaves_nothing_there(tmp_path, monkeypatch):
     """The evaluation bundle logs result files as MLflow artefacts: they go to ``mlruns/`` beside the temporary
     store, while the working directory is the repository root (as the bundles' macros require)."""
-    data = tmp_path / "data"
-    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 36, "val": 9, "test": 18})
     before = checkout_state()
     monkeypatch.chdir(REPO)
-    workflow = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / "pathmnist" / "evaluate.yaml"),
-        workflow_type="train",
-        logging_file=False,
-        dataset_dir=str(data),
-        download=False,
-        distilled="random",
-        ipc=1,
-        backbones=["convnet"],
-        epochs=1,
-        device="cpu",
-        output_dir=str(tmp_path / "eval"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+    run_evaluation_bundle(
+        tmp_path, n_per_split={"train": 36, "val": 9, "test": 18}, ipc=1, backbones=["convnet"], epochs=1,
         run_name="repository_root",
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     assert new_in_checkout(before) == []
     logged = sorted(p.name for p in (tmp_path / "mlruns").rglob("*") if p.is_file())
     assert {"results.json", "summary.md", "accuracy.png"} <= set(logged)

@@ -111,12 +111,10 @@ class DistributionMatcher(Matcher):
         if embed_chunk == "auto":
             if self.batch_dependent:
                 return 0
-            with torch.no_grad():
-                first = net.features[0] if hasattr(net, "features") else None
-                if not isinstance(first, nn.Conv2d):
-                    return _DEFAULT_CHUNK
-                side = self.image_size
-                per_image = first.out_channels * side * side * 4  # bytes of one float32 activation map
+            first = net.features[0] if hasattr(net, "features") else None
+            if not isinstance(first, nn.Conv2d):
+                return _DEFAULT_CHUNK
+            per_image = first.out_channels * self.image_size**2 * 4  # bytes of one float32 activation map
             return max(_MIN_CHUNK, min(_MAX_CHUNK, _CHUNK_BYTES // per_image))
         if isinstance(embed_chunk, bool) or not isinstance(embed_chunk, int) or embed_chunk < 0:
             raise ValueError(

@@ -32,10 +32,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class AvgPool2x2(nn.AvgPool2d):
     """``nn.AvgPool2d(2, 2)`` with the same values (bit for bit, forward and backward), faster on the CPU.
 
-    PyTorch's CPU kernel for channels-first average pooling runs at a few GB/s: in a 28 px ConvNet it took more
-    time than the normalisation and activation layers together. Adding the four strided views of each 2x2 window
-    does the same sums in the same order about 3x faster (``benchmarks/dm_speed.py``). Other memory formats and
-    devices use the stock kernel.
+    PyTorch's CPU kernel for channels-first average pooling is slow for its work; adding the four strided views of
+    each 2x2 window does the same sums in the same order, 1.5x faster on a 28 px ConvNet's first activation map
+    (``benchmarks/dm_speed.py --parts``). Other memory formats and devices use the stock kernel.
     """
 
     def __init__(self) -> None:
