@@ -114,8 +114,15 @@ class Workload:
         param = build_parameterization(kind, gen, self.data, self.args.ipc)
         matcher = build_matcher("dm", self.data, **self.args.matcher_args)
         return DistillationTrainer(
-            self.device, iters, ClassBalancedBatches(self.data, self.batch_real), param, gen, matcher,
-            build_optimizer(param), include_mean=include_mean, **self.args.trainer_args,
+            self.device,
+            iters,
+            ClassBalancedBatches(self.data, self.batch_real),
+            param,
+            gen,
+            matcher,
+            build_optimizer(param),
+            include_mean=include_mean,
+            **self.args.trainer_args,
         )
 
     def project(self, name: str, iters: int) -> float:
@@ -197,7 +204,8 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
     embeds = {
         "real embed: one call": DistributionMatcher(3, args.classes, size, embed_chunk=0),
         f"real embed: per class ({batch_real} images per call, as the reference)": DistributionMatcher(
-            3, args.classes, size, embed_chunk=batch_real),
+            3, args.classes, size, embed_chunk=batch_real
+        ),
         f"real embed: auto ({auto} images per call, the default)": DistributionMatcher(3, args.classes, size),
         "real embed: auto, channels-last": DistributionMatcher(3, args.classes, size, channels_last=True),
         "real embed: auto, bfloat16 autocast": DistributionMatcher(3, args.classes, size, **bf16),
@@ -222,7 +230,8 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
     jobs[f"pool 2x2, AvgPool2x2 on {tuple(maps.shape)}"] = lambda: AvgPool2x2()(maps)
     for chunk in (0, 30, 10, 5):
         jobs[f"decode {len(latents)} latents, forward + backward, chunk {chunk or 'none (one call)'}"] = (
-            lambda chunk=chunk: decode(chunk))
+            lambda chunk=chunk: decode(chunk)
+        )
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for r in range(reps + 1):
         for name, job in jobs.items():
@@ -239,9 +248,26 @@ def peak_memory(args: argparse.Namespace) -> dict[str, float]:
     for size in args.sizes:
         for batch in args.batch_real:
             for name in args.variants:
-                cmd = [sys.executable, __file__, "--only", name, "--sizes", str(size), "--batch-real", str(batch),
-                       "--iters", "2", "--threads", str(args.threads), "--per-class", str(args.per_class),
-                       "--ref", str(args.ref), "--device", args.device]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--only",
+                    name,
+                    "--sizes",
+                    str(size),
+                    "--batch-real",
+                    str(batch),
+                    "--iters",
+                    "2",
+                    "--threads",
+                    str(args.threads),
+                    "--per-class",
+                    str(args.per_class),
+                    "--ref",
+                    str(args.ref),
+                    "--device",
+                    args.device,
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 out[f"{name} {size}px batch {batch}"] = float(res.stdout.strip().splitlines()[-1])
                 print(f"{name} {size}px batch {batch}: {out[f'{name} {size}px batch {batch}']:.0f} MiB", flush=True)
@@ -277,9 +303,11 @@ def main() -> None:
         Workload(args, args.sizes[0], args.batch_real[0]).run(args.only, args.iters)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return
-    header = (f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {args.threads} threads, device {args.device}, load before start "
-              f"{open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}")
+    header = (
+        f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads, device {args.device}, load before start "
+        f"{open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}"
+    )
     print(header, flush=True)
     results: dict = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.memory:

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import torch
 
+from monai_pld import distributed
 from monai_pld.defaults import OPTIMIZERS, default_learning_rates
 
 __all__ = [
@@ -153,13 +154,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if isinstance(device, torch.device):
         return device
     if device is None or str(device).lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(device))
-    except RuntimeError as e:
-        raise ConfigError(f"'device' must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from e
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(str(device))
+        except RuntimeError as e:
+            raise ConfigError(f"'device' must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"'device' is {device!r} but CUDA is not available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is None and distributed.world_size() > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank under torchrun
     return dev
 
 

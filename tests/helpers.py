@@ -198,3 +198,153 @@ def run_evaluation_bundle(tmp_path, **overrides):
     workflow.run()
     workflow.finalize()
     return Path(settings["output_dir"])
+
+
+def free_port():
+    """A TCP port nobody listens on now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, args):
+    """Body of one spawned rank: the environment ``torchrun`` would set, one thread, then ``fn(*args)``."""
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    torch.set_num_threads(1)
+    from monai_pld import distributed
+
+    distributed.init_distributed("cpu")
+    try:
+        fn(*args)
+    finally:
+        distributed.shutdown()
+
+
+def run_ranks(world, fn, *args, timeout=300):
+    """Run ``fn(*args)`` in ``world`` spawned processes joined by a gloo group, as ``torchrun`` would; a failure in
+    any rank raises ``torch.multiprocessing.ProcessRaisedException`` with that rank's traceback. ``fn`` must be a
+    module-level function of an importable module (e.g. this one)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _rank_main, args=(world, free_port(), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
+
+
+def distil_tiny(
+    data_dir,
+    out=None,
+    kind="pixel",
+    matcher="dm",
+    iterations=3,
+    optimizer="adam",
+    generator_path=None,
+    kl_weight=0.0,
+    checkpoint_dir=None,
+    resume=False,
+    die_at=None,
+    fail_at=None,
+):
+    """A few distillation iterations on the small PathMNIST-layout file in ``data_dir``; rank 0 saves the learnt
+    state and the last output to ``out`` (a ``.pt`` file). Rank 1 exits abruptly at iteration ``die_at`` (a killed
+    process) or raises at iteration ``fail_at`` (an error on one rank)."""
+    import torch
+    from ignite.engine import Events
+
+    from monai_pld import distributed
+    from monai_pld.builders import build_trainer
+    from monai_pld.data import load_dataset
+
+    data = load_dataset("pathmnist", "train", data_dir, download=False)
+    trainer = build_trainer(
+        data,
+        kind,
+        matcher,
+        ipc=2,
+        iterations=iterations,
+        generator_path=generator_path,
+        generator_policy="any",
+        rank=2,
+        samples_per_slot=2,
+        batch_real_per_class=4,
+        kl_weight=kl_weight,
+        optimizer=optimizer,
+        seed=0,
+        device="cpu",
+        matcher_args={"embedder_kwargs": {"width": 16}} if matcher == "dm" else {"loops": [2, 1]},
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_interval=1,
+        resume=resume,
+    )
+    if distributed.rank() == 1 and die_at is not None:
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=die_at), lambda: os._exit(3))
+    if distributed.rank() == 1 and fail_at is not None:
+
+        def fail():
+            raise ValueError("this rank's real images are unreadable")
+
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=fail_at), fail)
+    trainer.run()
+    if distributed.is_main() and out is not None:
+        state = {k: v.detach().clone() for k, v in trainer.parameterization.state_dict().items()}
+        torch.save({"state": state, "output": trainer.state.output[0], "classes": trainer.own_classes}, out)
+    return trainer
+
+
+def distributed_scenarios(data_dir, out_dir, generator_path):
+    """Everything that is split among ranks, each on tiny data; rank 0 saves what each produced under ``out_dir``
+    (run in one process, and under several ranks, to compare the two)."""
+    import torch
+
+    from monai_pld import distributed
+    from monai_pld.data import load_dataset
+    from monai_pld.engines.evaluation import evaluate_image_set, load_image_source
+    from monai_pld.engines.experts import train_experts
+    from monai_pld.engines.generator import pretrain_generator
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    distil_tiny(data_dir, out / "dm_pixel.pt", "pixel", "dm")
+    # kl_weight 0.01 happens to put one activation of this tiny run within rounding of a ReLU's kink at iteration 2,
+    # where one process with 1 and with 2 threads already differ by 1 %: a weight away from that coincidence
+    distil_tiny(
+        data_dir, out / "dm_slfd.pt", "slfd", "dm", optimizer="sgd", generator_path=generator_path, kl_weight=0.1
+    )
+    distil_tiny(data_dir, out / "dc_pixel.pt", "pixel", "dc", iterations=4)
+    train = load_dataset("pathmnist", "train", data_dir, download=False)
+    test = load_dataset("pathmnist", "test", data_dir, download=False)
+    source = load_image_source("random", train, ipc=2, seed=0)
+    evaluate_image_set(
+        source, train, test, out / "evaluation", backbones=["convnet", "alexnet"], runs=2, epochs=2, device="cpu"
+    )
+    train_experts(
+        train, out / "experts", num_experts=3, epochs=1, batch_size=16, model_kwargs={"width": 8}, device="cpu"
+    )
+    generator = pretrain_generator(
+        out / "generator.pt",
+        "pathmnist",
+        data_dir,
+        download=False,
+        steps=3,
+        batch_size=8,
+        device="cpu",
+        val_interval=3,
+        log_interval=1,
+    )
+    if distributed.is_main():
+        torch.save({k: v.clone() for k, v in generator.state_dict().items()}, out / "generator_state.pt")

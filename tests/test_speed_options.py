@@ -67,7 +67,11 @@ def test_batch_norm_embedder_always_sees_the_whole_set():
 def test_speed_settings_are_recorded():
     m = DistributionMatcher(3, 3, 16, embedder_kwargs={"width": 8}, embed_chunk=6)
     assert m.hyper_parameters() == {
-        "seed": 0, "embed_chunk": 6, "real_dtype": "float32", "channels_last": False, "compile": False
+        "seed": 0,
+        "embed_chunk": 6,
+        "real_dtype": "float32",
+        "channels_last": False,
+        "compile": False,
     }
 
 
@@ -128,8 +132,14 @@ def test_chunked_decoding_gives_the_images_of_one_call():
         data = _tiny_data()
         param = build_parameterization("latent", generator, data, 1)
         return DistillationTrainer(
-            "cpu", 1, ClassBalancedBatches(data, 2), param, generator, build_matcher("dm", data),
-            build_optimizer(param), decode_chunk=chunk,
+            "cpu",
+            1,
+            ClassBalancedBatches(data, 2),
+            param,
+            generator,
+            build_matcher("dm", data),
+            build_optimizer(param),
+            decode_chunk=chunk,
         )
 
     torch.testing.assert_close(trainer(3).decode(latents), trainer(0).decode(latents), rtol=1e-5, atol=1e-6)

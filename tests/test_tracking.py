@@ -44,7 +44,11 @@ def test_a_bundle_run_from_the_repository_root_leaves_nothing_there(tmp_path, mo
     before = checkout_state()
     monkeypatch.chdir(REPO)
     run_evaluation_bundle(
-        tmp_path, n_per_split={"train": 36, "val": 9, "test": 18}, ipc=1, backbones=["convnet"], epochs=1,
+        tmp_path,
+        n_per_split={"train": 36, "val": 9, "test": 18},
+        ipc=1,
+        backbones=["convnet"],
+        epochs=1,
         run_name="repository_root",
     )
     assert new_in_checkout(before) == []

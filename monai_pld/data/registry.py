@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from monai_pld import distributed
+
 from .base import ImageSet
 from .cifar import default_cifar_root, load_cifar10
 from .custom import check_data_options, custom_attribution, load_custom, source_format
@@ -168,6 +170,27 @@ def load_dataset(
     Raises:
         ValueError: an unknown name or a size the dataset does not have.
     """
+    if download and distributed.world_size() > 1:
+        # under torchrun rank 0 fetches first, so that no two processes write the same download
+        if not distributed.is_main():
+            distributed.barrier()
+        try:
+            return _load(flag, split, root, image_size, download, data_options, **kwargs)
+        finally:
+            if distributed.is_main():
+                distributed.barrier()
+    return _load(flag, split, root, image_size, download, data_options, **kwargs)
+
+
+def _load(
+    flag: str,
+    split: str,
+    root: str | os.PathLike | None,
+    image_size: int | None,
+    download: bool,
+    data_options: dict[str, Any] | None,
+    **kwargs: Any,
+) -> ImageSet:
     if flag == "custom":
         return load_custom(split, root, image_size, **{**(data_options or {}), **kwargs})
     check_dataset(flag, image_size)

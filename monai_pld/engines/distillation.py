@@ -7,11 +7,19 @@ adds the optional KL term, and takes one optimiser step on the slots and the lig
 Every random choice inside an iteration (latent noise, the matcher's random networks and augmentations) is drawn
 from a seed derived from ``(seed, iteration)`` inside ``torch.random.fork_rng``; the real batches come from a
 position-seeded sampler. A run resumed from a checkpoint therefore continues exactly as an uninterrupted run would.
+
+Under ``torchrun`` (several ranks) every rank holds the whole parameterisation and draws the same latents,
+networks and augmentations; the classes are split among the ranks as the matcher's ``class_split`` allows, each
+rank back-propagates its classes' terms, and one all-reduce sums the gradients (and the loss terms, for logging)
+before every rank takes the same optimiser step. The result is the single-process one up to the order of
+floating-point sums. Only rank 0 runs the handlers (progress, grids, validation, export, MLflow) and writes
+checkpoints; every rank resumes from the newest one, whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,6 +28,7 @@ import torch
 from monai.engines import Trainer
 from monai.handlers import CheckpointSaver
 
+from monai_pld import distributed
 from monai_pld.handlers.resume import ResumeFromCheckpoint
 from monai_pld.utils import derive_seed
 
@@ -110,7 +119,23 @@ class DistillationTrainer(Trainer):
             )
         self.decode_chunk = decode_chunk
         self.seed = int(seed)
-        handlers = list(train_handlers)
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        # this rank's classes under torchrun; None: the whole loss here (one process, or a matcher without a split)
+        self.own_classes: torch.Tensor | None = None
+        split = getattr(matcher, "class_split", None)
+        if self.world_size > 1 and not self.fixed:
+            # every rank starts from rank 0's values, so the identical steps that follow keep them identical
+            distributed.broadcast_parameters([*self.parameterization.parameters(), *self.parameterization.buffers()])
+            if split is not None:
+                self.own_classes = torch.tensor(distributed.shard(range(int(matcher.num_classes))), dtype=torch.long)
+                if split == "inputs" and callable(getattr(train_data_loader, "restrict_classes", None)):
+                    train_data_loader.restrict_classes(self.own_classes.tolist())
+            logging.getLogger(__name__).info(
+                f"{distributed.rank_note()}classes {'all' if self.own_classes is None else self.own_classes.tolist()}"
+            )
+        self.class_split = split if self.own_classes is not None else None
+        # rank 0 alone reports and writes; the others only compute (and resume, below)
+        handlers = list(train_handlers) if distributed.is_main() else []
         if checkpoint_dir is not None:
             # The trainer builds these itself because they must hold the trainer: a config that gave them the
             # trainer while also giving the trainer its handlers would be circular.
@@ -140,6 +165,19 @@ class DistillationTrainer(Trainer):
             state["matcher"] = self.matcher  # e.g. DC's inner model mid outer loop, MTT's learnt student lr
         return state
 
+    def run(self) -> None:
+        """Run the distillation; under several ranks a failure names the rank that failed."""
+        try:
+            super().run()
+        except BaseException as e:
+            if self.world_size > 1:
+                e.add_note(
+                    f"distillation failed on {distributed.rank_note().rstrip(': ')}; a communication error here "
+                    "(connection closed, timeout) means another rank stopped first, its own error logged with its rank"
+                )
+                logging.getLogger(__name__).error(f"{distributed.rank_note()}{type(e).__name__}: {e}")
+            raise
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The generator's images of ``latents``, ``decode_chunk`` latents per call."""
         if not self.decode_chunk or len(latents) <= self.decode_chunk:
@@ -168,23 +206,45 @@ class DistillationTrainer(Trainer):
             if engine.include_mean:
                 latents = torch.cat([engine.parameterization.mean(), latents])
                 syn_labels = torch.cat([engine.parameterization.labels, syn_labels])
+            if engine.class_split == "inputs":  # this rank's classes only: decode, embed and match just those
+                own = torch.isin(syn_labels, engine.own_classes.to(syn_labels.device))
+                latents, syn_labels = latents[own], syn_labels[own]
+                own = torch.isin(real_labels, engine.own_classes.to(real_labels.device))
+                real_images, real_labels = real_images[own], real_labels[own]
             syn_images = engine.decode(latents)
-            match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
+            if engine.class_split == "terms":
+                match_loss = engine.matcher.loss(
+                    syn_images, syn_labels, real_images, real_labels, step, classes=engine.own_classes.tolist()
+                )
+            else:
+                match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
             loss = match_loss
             kl = torch.zeros((), device=device)
-            if engine.kl_weight > 0:
+            if engine.kl_weight > 0 and (engine.class_split is None or engine.rank == 0):  # counted once
                 kl = engine.parameterization.kl_to_prior()
                 loss = match_loss + engine.kl_weight * kl
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"distillation loss became {loss.item()} at iteration {step}; lower 'lr_codes'/'lr_network' "
-                    "or resume from the last checkpoint with a smaller learning rate"
-                )
             engine.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if engine.class_split is None:
+                values = [loss.item(), match_loss.item(), kl.item()]
+                if not torch.isfinite(loss):
+                    engine._non_finite(values[0], step)
+                loss.backward()
+            else:  # sum the ranks' gradients and loss terms; every rank then takes the same step
+                loss.backward()
+                params = [p for group in engine.optimizer.param_groups for p in group["params"]]
+                values = distributed.all_reduce_gradients(params, [loss.item(), match_loss.item(), kl.item()])
+                if not math.isfinite(values[0]):
+                    engine._non_finite(values[0], step)
             engine.optimizer.step()
         # A one-element list of dicts is MONAI's decollated output form, so stock handlers and the bundle's
         # `--tracking mlflow` (which reads `from_engine(["loss"], first=True)`) work unchanged.
         metrics = getattr(engine.matcher, "metrics", None)
         extra = metrics() if callable(metrics) else {}
-        return [{"loss": loss.item(), "match_loss": match_loss.item(), "kl": kl.item(), **extra}]
+        return [{"loss": values[0], "match_loss": values[1], "kl": values[2], **extra}]
+
+    @staticmethod
+    def _non_finite(value: float, step: int) -> None:
+        raise FloatingPointError(
+            f"distillation loss became {value} at iteration {step}; lower 'lr_codes'/'lr_network' "
+            "or resume from the last checkpoint with a smaller learning rate"
+        )

@@ -24,6 +24,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from monai_pld import distributed
 from monai_pld.augment import DiffSiameseAugment
 from monai_pld.data import ImageSet
 from monai_pld.handlers.progress import format_duration
@@ -487,30 +488,42 @@ def evaluate_image_set(
     header.setdefault("test_split", "test")
     header.setdefault("dataset_flag", train.name)
     results: list[dict[str, Any]] = []
-    total, start = len(backbones) * runs, time.perf_counter()
-    for backbone in backbones:
-        for run in range(runs):
-            metrics = train_and_test(
-                backbone,
-                source,
-                test,
-                mean,
-                std,
-                protocol=protocol,
-                epochs=epochs,
-                dsa_strategy=dsa_strategy,
-                seed=derive_seed(seed, run),
-                device=device,
-            )
-            results.append({"backbone": backbone, "run": run, **metrics})
-            done = len(results)
-            eta = (time.perf_counter() - start) / done * (total - done)
-            logger.info(
-                f"evaluation {done}/{total}: {backbone} run {run + 1}/{runs} accuracy {100 * metrics['accuracy']:.2f}% "
-                f"AUC {metrics['auc']:.3f} F1 {metrics['f1']:.3f} | {metrics['train_seconds']:.1f} s | "
-                f"ETA {format_duration(eta)}"
-            )
-            atomic_save_json({"header": header, "source": source.description, "runs": results}, out / "results.json")
+    # under torchrun every rank trains its share of the (backbone, run) pairs; rank 0 gathers and writes
+    pairs = distributed.shard([(backbone, run) for backbone in backbones for run in range(runs)])
+    total, start = len(pairs), time.perf_counter()
+    progress = out / ("results.json" if distributed.is_main() else f"results.rank{distributed.rank()}.json")
+    for backbone, run in pairs:
+        metrics = train_and_test(
+            backbone,
+            source,
+            test,
+            mean,
+            std,
+            protocol=protocol,
+            epochs=epochs,
+            dsa_strategy=dsa_strategy,
+            seed=derive_seed(seed, run),
+            device=device,
+        )
+        results.append({"backbone": backbone, "run": run, **metrics})
+        done = len(results)
+        eta = (time.perf_counter() - start) / done * (total - done)
+        logger.info(
+            f"{distributed.rank_note()}evaluation {done}/{total}: {backbone} run {run + 1}/{runs} accuracy "
+            f"{100 * metrics['accuracy']:.2f}% AUC {metrics['auc']:.3f} F1 {metrics['f1']:.3f} | "
+            f"{metrics['train_seconds']:.1f} s | ETA {format_duration(eta)}"
+        )
+        atomic_save_json({"header": header, "source": source.description, "runs": results}, progress)
+    if distributed.world_size() > 1:
+        order = {(b, r): k for k, (b, r) in enumerate((b, r) for b in backbones for r in range(runs))}
+        results = sorted(
+            (row for part in distributed.gather(results) for row in part),
+            key=lambda row: order[row["backbone"], row["run"]],
+        )
+        if not distributed.is_main():
+            progress.unlink(missing_ok=True)  # rank 0 writes them all
+            return {"runs": results, "summary": summarise(results)}
+        header["ranks"] = distributed.world_size()
     summary = summarise(results)
     atomic_save_json(
         {"header": header, "source": source.description, "runs": results, "summary": summary}, out / "results.json"

@@ -36,6 +36,7 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from monai_pld import distributed
 from monai_pld.augment import DiffSiameseAugment
 from monai_pld.data import ImageSet
 from monai_pld.handlers.progress import format_duration
@@ -334,11 +335,18 @@ def train_experts(
         logger.info(f"expert {i + 1}/{num_experts}: {path.name} exists, kept")
     results: dict[int, dict[str, float]] = {}
     start_all = time.perf_counter()
-    for n_done, i in enumerate(todo):
-        record = _train_one(dataset, i, settings, dev, log_interval, num_experts, len(todo) - n_done - 1)
+    distributed.barrier()  # every rank has listed the missing experts before any rank writes one
+    mine = distributed.shard(todo)  # under torchrun every rank trains its share, into the same folder
+    for n_done, i in enumerate(mine):
+        record = _train_one(dataset, i, settings, dev, log_interval, num_experts, len(mine) - n_done - 1)
         results[i] = {k: record[k] for k in ("final_train_loss", "final_train_accuracy", "train_seconds")}
         atomic_save_torch(record, files[i])  # each expert is safe on disk as soon as it is finished
-        logger.info(f"expert {i + 1}/{num_experts} saved to {files[i]}")
+        logger.info(f"{distributed.rank_note()}expert {i + 1}/{num_experts} saved to {files[i]}")
+    if distributed.world_size() > 1:
+        results = {i: r for part in distributed.gather(results) for i, r in part.items()}
+        if not distributed.is_main():  # rank 0 writes the index and the MLflow run
+            distributed.barrier()
+            return files
     index = {
         **settings,
         "num_experts": num_experts,
@@ -350,6 +358,7 @@ def train_experts(
     if tracking_uri and results:
         _log_mlflow(tracking_uri, experiment_name, f"experts_{dataset.name or 'dataset'}", settings, results)
     logger.info(f"{num_experts} experts in {out} ({len(todo)} trained now)")
+    distributed.barrier()
     return files
 
 

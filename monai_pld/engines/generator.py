@@ -23,8 +23,10 @@ from ignite.engine import Events
 from monai.engines import Trainer
 from monai.handlers import LrScheduleHandler, MLFlowHandler
 from monai.metrics import SSIMMetric
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from monai_pld import distributed
 from monai_pld.data import ImageSet
 from monai_pld.handlers.progress import ProgressLogger
 from monai_pld.networks.generators import (
@@ -54,6 +56,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monai_pld")
+
+
+class _Reconstruction(torch.nn.Module):
+    """A generator's ``reconstruct`` as ``forward``, for DistributedDataParallel."""
+
+    def __init__(self, generator: AutoencoderKLGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.generator.reconstruct(x, noise)
 
 
 class GeneratorTrainer(Trainer):
@@ -94,6 +107,14 @@ class GeneratorTrainer(Trainer):
             decollate=False,
         )
         self.generator = generator.to(device)
+        # under torchrun: DistributedDataParallel, which copies rank 0's weights to every rank now and averages the
+        # gradients in backward; it reduces what its forward computed, hence the reconstruction wrapped as forward
+        self.replica: DistributedDataParallel | None = None
+        if distributed.world_size() > 1:
+            dev = torch.device(device)
+            self.replica = DistributedDataParallel(
+                _Reconstruction(self.generator), device_ids=[dev] if dev.type == "cuda" else None
+            )
         self.optimizer = optimizer
         self.kl_weight = float(kl_weight)
         self.augment = augment
@@ -105,14 +126,26 @@ class GeneratorTrainer(Trainer):
         if engine.augment == "flip":
             x = random_flips(x)
         engine.generator.train()
-        recon, z_mu, z_sigma = engine.generator.reconstruct(x)
+        if engine.replica is None:
+            recon, z_mu, z_sigma = engine.generator.reconstruct(x)
+        else:
+            # Data parallel: every rank drew the same batch and flips (one sampler, one seed) and draws the batch's
+            # latent noise alike, as one process would, then takes every world-th image. The replica's backward
+            # averages the ranks' gradients, which is the gradient of the whole batch, so N ranks take the steps of
+            # one process up to the order of sums.
+            world = distributed.world_size()
+            noise = torch.randn(len(x), *engine.generator.latent_shape, device=x.device)
+            share = slice(distributed.rank(), None, world)
+            x = x[share]
+            recon, z_mu, z_sigma = engine.replica(x, noise[share])
         recon_l1 = F.l1_loss(recon, x)
         kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - 2.0 * torch.log(z_sigma) - 1.0).mean()
         loss = recon_l1 + engine.kl_weight * kl
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        values = distributed.mean_over_ranks([loss.item(), recon_l1.item(), kl.item()], x.device)
         engine.optimizer.step()
-        return [{"loss": loss.item(), "recon_l1": recon_l1.item(), "kl": kl.item()}]  # MONAI's decollated form
+        return [dict(zip(("loss", "recon_l1", "kl"), values, strict=True))]  # MONAI's decollated form
 
 
 def random_flips(x: torch.Tensor) -> torch.Tensor:
@@ -133,20 +166,22 @@ def reconstruction_metrics(
     n = len(images) if max_images is None else min(len(images), max_images)
     generator.eval()
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=min(7, images.image_size), reduction="mean")
-    abs_err = sq_err = 0.0
+    abs_err = sq_err = ssim_sum = 0.0
     for start in range(0, n, batch_size):
         x = images.float_images(slice(start, min(start + batch_size, n))).to(device)
         recon = generator.decode(generator.encode(x))
         abs_err += (recon - x).abs().sum().item()
         sq_err += (recon - x).pow(2).sum().item()
-        ssim(recon, x)
+        # summed here, not by ssim.aggregate(), which under torchrun gathers every rank's buffer: a collective that
+        # only rank 0 would enter
+        ssim_sum += ssim(recon, x).sum().item()
     count = n * images.channels * images.image_size**2
     mse = sq_err / count
     return {
         "mae": abs_err / count,
         "mse": mse,
         "psnr": float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12)))),
-        "ssim": float(ssim.aggregate().item()),
+        "ssim": ssim_sum / n,
     }
 
 
@@ -306,16 +341,19 @@ def pretrain_generator(
         LrScheduleHandler(
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps), epoch_level=False, print_lr=False
         ),
-        ReconstructionValidation(val),  # before the MLflow handler below, which logs its metrics at the same epoch
-        ProgressLogger(interval=log_interval, prefix="generator"),
     ]
+    if distributed.is_main():  # rank 0 alone validates, reports and logs
+        handlers += [
+            ReconstructionValidation(val),  # before the MLflow handler below, which logs its metrics at the same epoch
+            ProgressLogger(interval=log_interval, prefix="generator"),
+        ]
     run_name = run_name or f"pretrain_{dataset_flag}_{image_size}px"
     params = {
         **{f"generator_{k}": v for k, v in settings.items() if k != "network"},
         "train_images": len(train_images),
         **{f"network_{k}": str(v) for k, v in settings["network"].items()},
     }
-    if tracking_uri:
+    if tracking_uri and distributed.is_main():
         handlers.append(
             MLFlowHandler(
                 tracking_uri=tracking_uri,
@@ -338,15 +376,24 @@ def pretrain_generator(
         epoch_length=epoch_length,
         train_handlers=handlers,
     )
+    if batch % distributed.world_size():
+        raise ValueError(
+            f"the generator's batch of {batch} images does not split evenly among {distributed.world_size()} ranks; "
+            "choose a 'generator_batch_size' that is a multiple of the number of ranks"
+        )
     logger.info(
         f"pretraining the {dataset_flag} {image_size}px generator: {len(train_images)} images, {total_steps} steps "
         f"of {batch}, latent {generator.latent_shape}, device {dev}"
+        + (f", {distributed.world_size()} ranks" if distributed.world_size() > 1 else "")
     )
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)  # the flips are drawn from the global RNG: seed them, leave the caller's RNG alone
         start = time.perf_counter()
         trainer.run()
         seconds = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 writes the checkpoint; the others read it when it is there
+        distributed.barrier()
+        return AutoencoderKLGenerator.load(generator_path, map_location=dev)
     metrics = dict(trainer.state.metrics)
     logger.info(
         f"generator trained in {seconds:.0f}s; val MAE {metrics['val_mae']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
@@ -366,6 +413,7 @@ def pretrain_generator(
         **metrics,
     )
     logger.info(f"generator saved to {generator_path}")
+    distributed.barrier()
     return AutoencoderKLGenerator.load(generator_path, map_location=dev)
 
 

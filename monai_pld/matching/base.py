@@ -15,6 +15,13 @@ __all__ = ["Matcher"]
 class Matcher(nn.Module, ABC):
     """Base of every matcher. Owns its networks; compares synthetic with real images.
 
+    Under several ranks the distillation engine splits the classes among them as ``class_split`` says:
+    ``"inputs"`` (the loss is a sum of per-class terms that each need only the images of their class, as in DM:
+    each rank decodes, embeds and matches only its classes), ``"terms"`` (a sum of per-class terms that also need
+    the whole synthetic set, as in DC whose inner network trains on every image: ``loss`` takes ``classes``) or
+    ``None`` (no split: every rank computes the whole loss, as in MTT, whose student trains on all classes at
+    once).
+
     Inputs are images in ``[0, 1]``; :meth:`normalize` maps them with per-channel mean and std, so that zero (the
     fill value of augmentations) means the average colour, as in the reference code.
 
@@ -114,6 +121,8 @@ class Matcher(nn.Module, ABC):
             raise ValueError(
                 f"real images are on {real_images.device} but synthetic images on {syn_images.device}; move both"
             )
+
+    class_split: str | None = None
 
     def hyper_parameters(self) -> dict[str, Any]:
         """The matcher's settings, recorded in the manifest and as MLflow params (JSON-serialisable values)."""

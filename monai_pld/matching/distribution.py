@@ -77,6 +77,8 @@ class DistributionMatcher(Matcher):
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
     """
 
+    class_split = "inputs"  # a sum over classes of terms that read only their own class's images
+
     def __init__(
         self,
         in_channels: int,
@@ -136,8 +138,13 @@ class DistributionMatcher(Matcher):
         weights as inputs (shared by every matcher of the process, so a new run does not compile again)."""
         device = next(net.parameters()).device
         key = (
-            self.embedder_name, repr(sorted(self.embedder_kwargs.items())), self.in_channels, self.num_classes,
-            self.image_size, device.type, self.channels_last,
+            self.embedder_name,
+            repr(sorted(self.embedder_kwargs.items())),
+            self.in_channels,
+            self.num_classes,
+            self.image_size,
+            device.type,
+            self.channels_last,
         )
         if key not in _COMPILED:
             template = _Embed(self.build_embedder(0, device))

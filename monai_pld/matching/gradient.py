@@ -134,6 +134,8 @@ class GradientMatcher(Matcher):
             or a model that cannot be built.
     """
 
+    class_split = "terms"  # per-class terms, but the inner network trains on the whole synthetic set
+
     def __init__(
         self,
         in_channels: int,
@@ -266,6 +268,7 @@ class GradientMatcher(Matcher):
         real_images: torch.Tensor,
         real_labels: torch.Tensor,
         step: int,
+        classes: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """DC loss of one outer step; classes missing from either set contribute nothing.
 
@@ -278,6 +281,9 @@ class GradientMatcher(Matcher):
             real_labels: their integer labels ``(N,)``.
             step: iteration number, from 1; it places the call in the outer loop and seeds DSA and the inner
                 training.
+            classes: only these classes' terms (a rank's share; ``None``: every class). The network's
+                re-initialisation and inner training still use the whole synthetic set, so every rank's network
+                is the single-process one.
 
         Returns:
             Scalar loss, differentiable with respect to ``syn_images`` (zero when no class is in both sets).
@@ -327,7 +333,7 @@ class GradientMatcher(Matcher):
                 syn = self.augment(syn, dsa_seed, groups=syn_labels)
             params = {n: p.detach().requires_grad_(True) for n, p in self.net.named_parameters()}
             total = None
-            for c in range(self.num_classes):
+            for c in range(self.num_classes) if classes is None else sorted(int(c) for c in classes):
                 real_c = (real_labels == c).nonzero().squeeze(1)
                 syn_c = (syn_labels == c).nonzero().squeeze(1)
                 if real_c.numel() == 0 or syn_c.numel() == 0:

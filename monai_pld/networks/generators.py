@@ -217,10 +217,16 @@ class AutoencoderKLGenerator(LatentGenerator):
         z_mu, z_sigma = self.autoencoder.encode(x)
         return z_mu, z_sigma
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sampled reconstruction in ``[0, 1]`` plus the posterior ``(mu, sigma)``, for pretraining."""
+    def reconstruct(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled reconstruction in ``[0, 1]`` plus the posterior ``(mu, sigma)``, for pretraining.
+
+        ``noise`` (standard normal, the latent's shape) replaces the draw MONAI's ``sampling`` makes: ranks that share
+        one batch draw the batch's noise alike and each take their images' part.
+        """
         z_mu, z_sigma = self.autoencoder.encode(x)
-        z = self.autoencoder.sampling(z_mu, z_sigma)
+        z = self.autoencoder.sampling(z_mu, z_sigma) if noise is None else z_mu + noise * z_sigma
         return self.decode(z), z_mu, z_sigma
 
     def save(self, path: str | os.PathLike, **metadata: Any) -> Path:
