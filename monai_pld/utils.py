@@ -380,9 +380,10 @@ def mlflow_experiment(
 
     MLflow fixes an experiment's artefact folder when the experiment is created: an existing experiment keeps its
     own, and a different ``artifact_location`` given explicitly is reported as a warning. Returns ``None`` (and
-    touches nothing) when ``tracking_uri`` is empty.
+    touches nothing) when ``tracking_uri`` is empty, and on every rank but 0 under ``torchrun`` (rank 0 alone logs;
+    several processes creating one sqlite store at once would collide).
     """
-    if not tracking_uri:
+    if not tracking_uri or not distributed.is_main():
         return None
     import mlflow
 

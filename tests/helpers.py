@@ -101,14 +101,20 @@ def write_subset(root, per_class=2):
                 Image.fromarray(array).save(folder / f"img{j}.png")
 
 
-def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout=600):
+def run_bundle(tmp_path, data_dir, *overrides, config=TRAIN, check=True, timeout=600, ranks=None):
     """``python -m monai.bundle run`` of ``config`` from the repository root, on the CPU, with the generator cache
     and the MLflow store in ``tmp_path`` (artefacts: ``tmp_path/mlruns``, beside the store); ``overrides`` are
-    further ``--key value`` arguments. Raises with the end of both outputs when ``check`` and the run fails."""
+    further ``--key value`` arguments; ``ranks``: started by ``torchrun`` with that many processes on this node
+    (one thread each). Raises with the end of both outputs when ``check`` and the run fails."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store below, not the user's
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONWARNINGS": "ignore"})
+    launcher = []
+    if ranks:
+        env["OMP_NUM_THREADS"] = "1"
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     cmd = [
         sys.executable,
+        *launcher,
         "-m",
         "monai.bundle",
         "run",
@@ -341,7 +347,7 @@ def distributed_scenarios(data_dir, out_dir, generator_path):
         data_dir,
         download=False,
         steps=3,
-        batch_size=8,
+        batch_size=9,  # shares of 5 and 4 images under 2 ranks
         device="cpu",
         val_interval=3,
         log_interval=1,

@@ -164,3 +164,22 @@ def test_image_size_64(tmp_path):
     assert (tmp_path / "generators" / "pathmnist_64px_autoencoderkl.pt").is_file()
     dist = torch.load(out / "distilled" / "distribution.pt", weights_only=True)
     assert dist["latent_shape"] == [32, 16, 16]  # decoder block 2 (latent_layer) of the 4 x 16 x 16 generator
+
+
+def test_torchrun_with_two_ranks_distils_what_one_process_does(finished_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m monai.bundle run`: the generator is pretrained data-parallel, the classes
+    are split, rank 0 alone writes and logs, and the distilled set is the single-process one up to the order of
+    floating-point sums (the generator's first Adam steps and the one process's 2 threads against the ranks' 1 turn
+    those into a few uint8 levels on a few pixels)."""
+    _, data, one, _ = finished_run
+    out = tmp_path / "run"
+    proc = run_bundle(tmp_path, data, *TINY, "--output_dir", out, "--run_name", "two", ranks=2)
+    assert "rank 1 of 2 joined" in proc.stderr + proc.stdout or "2 ranks" in proc.stderr + proc.stdout
+    with np.load(one / "distilled" / "images.npz") as a, np.load(out / "distilled" / "images.npz") as b:
+        assert np.array_equal(a["labels"], b["labels"])
+        diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    assert diff.max() <= 3 and (diff == 0).mean() > 0.95  # not a different set: the same one, a few levels apart
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("monai_pld").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["pretrain_pathmnist_28px", "two"]  # once, not once per rank
+    assert sorted(p.name for p in (out / "grids").glob("*.png")) == ["iter_000002.png", "iter_000004.png"]

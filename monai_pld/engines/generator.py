@@ -126,20 +126,23 @@ class GeneratorTrainer(Trainer):
         if engine.augment == "flip":
             x = random_flips(x)
         engine.generator.train()
+        weight = 1.0
         if engine.replica is None:
             recon, z_mu, z_sigma = engine.generator.reconstruct(x)
         else:
             # Data parallel: every rank drew the same batch and flips (one sampler, one seed) and draws the batch's
             # latent noise alike, as one process would, then takes every world-th image. The replica's backward
-            # averages the ranks' gradients, which is the gradient of the whole batch, so N ranks take the steps of
-            # one process up to the order of sums.
+            # averages the ranks' gradients; with each rank's means weighted by its share of the batch (shares
+            # differ by one image when the batch does not divide), that average is the whole batch's gradient, so
+            # N ranks take the steps of one process up to the order of sums.
             world = distributed.world_size()
             noise = torch.randn(len(x), *engine.generator.latent_shape, device=x.device)
             share = slice(distributed.rank(), None, world)
+            weight = len(x[share]) * world / len(x)
             x = x[share]
             recon, z_mu, z_sigma = engine.replica(x, noise[share])
-        recon_l1 = F.l1_loss(recon, x)
-        kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - 2.0 * torch.log(z_sigma) - 1.0).mean()
+        recon_l1 = F.l1_loss(recon, x) * weight
+        kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - 2.0 * torch.log(z_sigma) - 1.0).mean() * weight
         loss = recon_l1 + engine.kl_weight * kl
         engine.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -376,11 +379,6 @@ def pretrain_generator(
         epoch_length=epoch_length,
         train_handlers=handlers,
     )
-    if batch % distributed.world_size():
-        raise ValueError(
-            f"the generator's batch of {batch} images does not split evenly among {distributed.world_size()} ranks; "
-            "choose a 'generator_batch_size' that is a multiple of the number of ranks"
-        )
     logger.info(
         f"pretraining the {dataset_flag} {image_size}px generator: {len(train_images)} images, {total_steps} steps "
         f"of {batch}, latent {generator.latent_shape}, device {dev}"
@@ -459,6 +457,7 @@ def ensure_generator(
     if policy not in GENERATOR_POLICIES:
         raise ValueError(f"'generator_policy' must be one of {list(GENERATOR_POLICIES)}, got {policy!r}")
     dev = resolve_device(device)
+    distributed.barrier()  # under torchrun every rank sees the file as it is now, and all make the same choice
     if os.path.isfile(generator_path):
         generator = AutoencoderKLGenerator.load(generator_path, map_location=dev)
         differences = settings_differences(generator, pretrain_kwargs, in_channels)
