@@ -78,7 +78,9 @@ def dm_job(args: dict, out: str) -> None:
     )
     times: list[float] = []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda: times.append(-time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: times.__setitem__(-1, times[-1] + time.perf_counter()))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda: times.__setitem__(-1, times[-1] + time.perf_counter())
+    )
     trainer.run()
     params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     numel = sum(p.numel() for p in params) + len(params) + 3  # gradients, the has-a-gradient flags, 3 loss terms
@@ -205,7 +207,8 @@ def main() -> None:
                         for name, ranks, threads in configs:
                             r = run(dm_job, job, ranks, threads, folder)
                             results["dm"].setdefault(f"{size}|{kind}|{name}", []).append(r)
-                            print(f"round {round_ + 1} DM {size} px {kind} {name}: {r['s_per_it']:.2f} s/it", flush=True)
+                            line = f"round {round_ + 1} DM {size} px {kind} {name}: {r['s_per_it']:.2f} s/it"
+                            print(line, flush=True)
             if "evaluation" in args.parts:
                 job = {
                     "per_class": 100,
