@@ -162,7 +162,7 @@ class Workload:
                 t = lap("real: normalise", t)
                 x = matcher.augment(x, seed, groups=real_labels)
                 t = lap("real: DSA", t)
-                real_mean, _ = matcher._class_means(matcher._embed(net, x), real_labels)
+                real_mean, _ = matcher._class_sums(matcher._embed(net, x), real_labels)
                 t = lap("real: embed (no grad)", t)
             latents, syn_labels = param.sample(1)
             if trainer.include_mean:
@@ -173,7 +173,7 @@ class Workload:
             t = lap("synthetic: decode", t)
             y = matcher.augment(matcher.normalize(images), seed, groups=syn_labels)
             t = lap("synthetic: normalise + DSA", t)
-            syn_mean, _ = matcher._class_means(matcher._embed(net, y), syn_labels)
+            syn_mean, _ = matcher._class_sums(matcher._embed(net, y), syn_labels)
             loss = (real_mean - syn_mean).pow(2).sum()
             t = lap("synthetic: embed", t)
             trainer.optimizer.zero_grad(set_to_none=True)

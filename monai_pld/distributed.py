@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_reduce_gradients",
+    "all_reduce_sum",
     "barrier",
     "broadcast_parameters",
     "gather",
@@ -146,6 +147,15 @@ def broadcast_parameters(tensors: Iterable[torch.Tensor]) -> None:
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``tensor`` (a new tensor, no gradient); ``tensor`` itself for one process."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def all_reduce_gradients(params: Sequence[torch.Tensor], values: Sequence[float | torch.Tensor] = ()) -> list[float]:

@@ -308,7 +308,15 @@ def distil_tiny(
     trainer.run()
     if distributed.is_main() and out is not None:
         state = {k: v.detach().clone() for k, v in trainer.parameterization.state_dict().items()}
-        torch.save({"state": state, "output": trainer.state.output[0], "classes": trainer.own_classes}, out)
+        torch.save(
+            {
+                "state": state,
+                "output": trainer.state.output[0],
+                "split": trainer.class_split,
+                "classes": trainer.own_classes,
+            },
+            out,
+        )
     return trainer
 
 

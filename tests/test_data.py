@@ -161,3 +161,18 @@ def test_image_set_helpers():
         ImageSet(data.images, data.labels + 1, ["a", "b"])
     with pytest.raises(ValueError, match="uint8 tensor"):
         ImageSet(data.images.float(), data.labels, ["a", "b"])
+
+
+def test_the_ranks_shares_of_a_batch_make_up_the_whole_batch():
+    data = _labelled_set([40, 25, 33])
+    data.images[:, 0, 0, 0] = torch.arange(98, dtype=torch.uint8)  # every image distinguishable
+    whole = ClassBalancedBatches(data, 5, seed=4).batch(7)
+    shares = []
+    for rank in range(3):
+        batches = ClassBalancedBatches(data, 5, seed=4)
+        batches.take_share(rank, 3)
+        shares.append(batches.batch(7))
+    for rank, share in enumerate(shares):
+        assert torch.equal(share["image"], whole["image"][rank::3])
+        assert torch.equal(share["label"], whole["label"][rank::3])
+    assert sum(len(s["label"]) for s in shares) == 15

@@ -42,25 +42,25 @@ class ClassBalancedBatches:
                 f"{dataset.name}: classes {', '.join(empty)} have no training images; distillation needs every "
                 "class in the training split"
             )
-        self.classes = list(range(dataset.num_classes))
+        self._labels = torch.arange(dataset.num_classes).repeat_interleave(self.batch_per_class)
+        self.share = slice(None)
 
-    def restrict_classes(self, classes: list[int]) -> None:
-        """Yield only the images of ``classes`` (a rank's share under ``torchrun``). Every class's draw stays what
-        it is in the whole stream, so the ranks' batches together are the single-process batch."""
-        self.classes = sorted(int(c) for c in classes)
+    def take_share(self, rank: int, ranks: int) -> None:
+        """Yield only every ``ranks``-th image of each batch, from ``rank`` on (a rank's share under ``torchrun``).
+        The draws stay those of the whole stream, so the ranks' shares together are the single-process batch."""
+        self.share = slice(int(rank), None, int(ranks))
 
     def batch(self, position: int) -> dict[str, torch.Tensor]:
         """Batch number ``position`` of the stream (pure: does not move the stream)."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, position))
         b = self.batch_per_class
-        picks = {}
-        for c, index in enumerate(self._indices):  # one cheap draw per class (<= a few dozen classes), not per image
+        picks = []
+        for index in self._indices:  # one cheap draw per class (<= a few dozen classes), not per image
             n = len(index)
             pick = torch.randperm(n, generator=gen)[:b] if n >= b else torch.randint(n, (b,), generator=gen)
-            picks[c] = index[pick]
-        order = torch.cat([picks[c] for c in self.classes])
-        labels = torch.tensor(self.classes).repeat_interleave(b)
-        return {"image": self.dataset.float_images(order), "label": labels}
+            picks.append(index[pick])
+        order = torch.cat(picks)[self.share]
+        return {"image": self.dataset.float_images(order), "label": self._labels[self.share].clone()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

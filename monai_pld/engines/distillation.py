@@ -9,11 +9,12 @@ from a seed derived from ``(seed, iteration)`` inside ``torch.random.fork_rng``;
 position-seeded sampler. A run resumed from a checkpoint therefore continues exactly as an uninterrupted run would.
 
 Under ``torchrun`` (several ranks) every rank holds the whole parameterisation and draws the same latents,
-networks and augmentations; the classes are split among the ranks as the matcher's ``class_split`` allows, each
-rank back-propagates its classes' terms, and one all-reduce sums the gradients (and the loss terms, for logging)
-before every rank takes the same optimiser step. The result is the single-process one up to the order of
-floating-point sums. Only rank 0 runs the handlers (progress, grids, validation, export, MLflow) and writes
-checkpoints; every rank resumes from the newest one, whatever the number of ranks that wrote it.
+networks and augmentations; the work is split as the matcher's ``class_split`` allows (DM: every rank decodes,
+augments and embeds every N-th synthetic and real image, and the per-class sums are summed over the ranks; DC:
+the classes' terms), each rank back-propagates its part, and one all-reduce sums the gradients (and the loss
+terms, for logging) before every rank takes the same optimiser step. The result is the single-process one up
+to the order of floating-point sums. Only rank 0 runs the handlers (progress, grids, validation, export,
+MLflow) and writes checkpoints; every rank resumes from the newest one, whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -120,20 +121,24 @@ class DistillationTrainer(Trainer):
         self.decode_chunk = decode_chunk
         self.seed = int(seed)
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        # this rank's classes under torchrun; None: the whole loss here (one process, or a matcher without a split)
-        self.own_classes: torch.Tensor | None = None
-        split = getattr(matcher, "class_split", None)
+        # under torchrun, how the matcher's work is split (None: the whole loss on every rank, or one process)
+        self.class_split = getattr(matcher, "class_split", None) if self.world_size > 1 and not self.fixed else None
+        self.own_classes: torch.Tensor | None = None  # the classes whose terms this rank computes ("terms")
+        self._real_share = slice(None)  # the part of each real batch this rank embeds, if the loader cannot give it
         if self.world_size > 1 and not self.fixed:
             # every rank starts from rank 0's values, so the identical steps that follow keep them identical
             distributed.broadcast_parameters([*self.parameterization.parameters(), *self.parameterization.buffers()])
-            if split is not None:
+            share = f"every {self.world_size}th image from the {self.rank}th"
+            if self.class_split == "terms":
                 self.own_classes = torch.tensor(distributed.shard(range(int(matcher.num_classes))), dtype=torch.long)
-                if split == "inputs" and callable(getattr(train_data_loader, "restrict_classes", None)):
-                    train_data_loader.restrict_classes(self.own_classes.tolist())
-            logging.getLogger(__name__).info(
-                f"{distributed.rank_note()}classes {'all' if self.own_classes is None else self.own_classes.tolist()}"
-            )
-        self.class_split = split if self.own_classes is not None else None
+                share = f"classes {self.own_classes.tolist()}"
+            elif self.class_split == "samples" and callable(getattr(train_data_loader, "take_share", None)):
+                train_data_loader.take_share(self.rank, self.world_size)
+            elif self.class_split == "samples":
+                self._real_share = slice(self.rank, None, self.world_size)
+            else:
+                share = "the whole loss (this matcher is not split)"
+            logging.getLogger(__name__).info(f"{distributed.rank_note()}{share}")
         # rank 0 alone reports and writes; the others only compute (and resume, below)
         handlers = list(train_handlers) if distributed.is_main() else []
         if checkpoint_dir is not None:
@@ -206,15 +211,18 @@ class DistillationTrainer(Trainer):
             if engine.include_mean:
                 latents = torch.cat([engine.parameterization.mean(), latents])
                 syn_labels = torch.cat([engine.parameterization.labels, syn_labels])
-            if engine.class_split == "inputs":  # this rank's classes only: decode, embed and match just those
-                own = torch.isin(syn_labels, engine.own_classes.to(syn_labels.device))
-                latents, syn_labels = latents[own], syn_labels[own]
-                own = torch.isin(real_labels, engine.own_classes.to(real_labels.device))
-                real_images, real_labels = real_images[own], real_labels[own]
+            if engine.class_split == "samples":  # a share of the step's images: decode, augment and embed those
+                share = slice(engine.rank, None, engine.world_size)
+                latents, syn_labels = latents[share], syn_labels[share]
+                real_images, real_labels = real_images[engine._real_share], real_labels[engine._real_share]
             syn_images = engine.decode(latents)
             if engine.class_split == "terms":
                 match_loss = engine.matcher.loss(
                     syn_images, syn_labels, real_images, real_labels, step, classes=engine.own_classes.tolist()
+                )
+            elif engine.class_split == "samples":
+                match_loss = engine.matcher.loss(
+                    syn_images, syn_labels, real_images, real_labels, step, across_ranks=True
                 )
             else:
                 match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
@@ -232,7 +240,10 @@ class DistillationTrainer(Trainer):
             else:  # sum the ranks' gradients and loss terms; every rank then takes the same step
                 loss.backward()
                 params = [p for group in engine.optimizer.param_groups for p in group["params"]]
-                values = distributed.all_reduce_gradients(params, [loss.item(), match_loss.item(), kl.item()])
+                # "samples": every rank holds the match loss of the whole step; "terms": that of its classes
+                match_share = match_loss.item() / (engine.world_size if engine.class_split == "samples" else 1)
+                match_value, kl_value = distributed.all_reduce_gradients(params, [match_share, kl.item()])
+                values = [match_value + engine.kl_weight * kl_value, match_value, kl_value]
                 if not math.isfinite(values[0]):
                     engine._non_finite(values[0], step)
             engine.optimizer.step()

@@ -15,12 +15,12 @@ __all__ = ["Matcher"]
 class Matcher(nn.Module, ABC):
     """Base of every matcher. Owns its networks; compares synthetic with real images.
 
-    Under several ranks the distillation engine splits the classes among them as ``class_split`` says:
-    ``"inputs"`` (the loss is a sum of per-class terms that each need only the images of their class, as in DM:
-    each rank decodes, embeds and matches only its classes), ``"terms"`` (a sum of per-class terms that also need
-    the whole synthetic set, as in DC whose inner network trains on every image: ``loss`` takes ``classes``) or
-    ``None`` (no split: every rank computes the whole loss, as in MTT, whose student trains on all classes at
-    once).
+    Under several ranks the distillation engine splits the work among them as ``class_split`` says:
+    ``"samples"`` (every rank decodes, augments and embeds every N-th synthetic and real image, and ``loss`` takes
+    ``across_ranks=True`` and combines the ranks' per-class sums, as in DM), ``"terms"`` (a sum of per-class
+    terms that need the whole synthetic set, as in DC whose inner network trains on every image: the classes are
+    split and ``loss`` takes ``classes``) or ``None`` (no split: every rank computes the whole loss, as in MTT,
+    whose student trains on all classes at once).
 
     Inputs are images in ``[0, 1]``; :meth:`normalize` maps them with per-channel mean and std, so that zero (the
     fill value of augmentations) means the average colour, as in the reference code.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from monai_pld import distributed
 from monai_pld.augment import DiffSiameseAugment
 from monai_pld.matching.base import Matcher
 from monai_pld.networks.classifiers import get_classifier
@@ -77,8 +78,6 @@ class DistributionMatcher(Matcher):
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
     """
 
-    class_split = "inputs"  # a sum over classes of terms that read only their own class's images
-
     def __init__(
         self,
         in_channels: int,
@@ -106,6 +105,8 @@ class DistributionMatcher(Matcher):
         self.compile = bool(compile)
         net = self.build_embedder(0, torch.device("cpu"))  # a bad name or argument fails here, not at the first step
         self.batch_dependent = any(isinstance(m, _BatchNorm) for m in net.modules())
+        # per-image embeddings summed per class can be shared among ranks; batch statistics cannot
+        self.class_split = None if self.batch_dependent else "samples"
         self.embed_chunk = self._resolve_chunk(embed_chunk, net)
 
     def _resolve_chunk(self, embed_chunk: int | str, net: nn.Module) -> int:
@@ -186,11 +187,19 @@ class DistributionMatcher(Matcher):
         net = net.to(device).requires_grad_(False).train()
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
-    def _class_means(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class mean features ``(num_classes, F)`` (zero for absent classes) and per-class counts."""
+    def _class_sums(
+        self, features: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class sums of the features ``(num_classes, F)`` and per-class counts; ``across_ranks``: over every
+        rank's images, with the gradient flowing into this rank's own features only (the others' part is a
+        constant here, and differentiated on its own rank)."""
         sums = features.new_zeros(self.num_classes, features.shape[1]).index_add(0, labels, features)
         counts = torch.bincount(labels, minlength=self.num_classes)
-        return sums / counts.clamp_min(1).unsqueeze(1).to(features.dtype), counts
+        if across_ranks:
+            total = distributed.all_reduce_sum(torch.cat([sums.detach(), counts.unsqueeze(1).to(sums.dtype)], 1))
+            sums = sums + (total[:, :-1] - sums.detach())
+            counts = total[:, -1].round().long()
+        return sums, counts
 
     def loss(
         self,
@@ -199,6 +208,7 @@ class DistributionMatcher(Matcher):
         real_images: torch.Tensor,
         real_labels: torch.Tensor,
         step: int,
+        across_ranks: bool = False,
     ) -> torch.Tensor:
         """DM loss of one step; classes missing from either set contribute nothing.
 
@@ -208,6 +218,9 @@ class DistributionMatcher(Matcher):
             real_images: real images ``(N, C, H, W)`` in ``[0, 1]``, on the device of the synthetic ones.
             real_labels: their integer labels ``(N,)``.
             step: iteration number, which selects the embedder and the augmentation.
+            across_ranks: the images are this rank's share of the step's images (under ``torchrun``): the per-class
+                sums and counts are summed over the ranks before the means are compared, so every rank gets the
+                loss of the whole step, and the gradient of its own synthetic images in it.
 
         Returns:
             Scalar loss, differentiable with respect to ``syn_images``.
@@ -225,10 +238,12 @@ class DistributionMatcher(Matcher):
                 real = self.augment(real, dsa_seed, groups=real_labels)
             with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.real_dtype == "bfloat16"):
                 features = self._embed(net, real)
-            real_mean, real_count = self._class_means(features.float(), real_labels)
+            real_sum, real_count = self._class_sums(features.float(), real_labels, across_ranks)
         syn = self.normalize(syn_images)
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
-        syn_mean, syn_count = self._class_means(self._embed(net, syn), syn_labels)
+        syn_sum, syn_count = self._class_sums(self._embed(net, syn), syn_labels, across_ranks)
+        real_mean = real_sum / real_count.clamp_min(1).unsqueeze(1).to(real_sum.dtype)
+        syn_mean = syn_sum / syn_count.clamp_min(1).unsqueeze(1).to(syn_sum.dtype)
         present = ((real_count > 0) & (syn_count > 0)).to(syn_mean.dtype)
         return ((real_mean - syn_mean).pow(2).sum(1) * present).sum()
