@@ -9,9 +9,11 @@ Run (quiet machine only: check /proc/loadavg):
 
 DM: the trainer of :func:`monai_pld.builders.build_trainer` (``ipc`` slots per class, ``batch_real`` real images
 per class, random uint8 images of the shape, an untrained generator of the default architecture, whose speed is
-that of a trained one); the median seconds per iteration after ``--warmup`` iterations. Under several ranks the
-classes are split and the gradients all-reduced once per iteration; the communication is timed separately: the
-same flat all-reduce (the size of the trained tensors) repeated ``--comm-repeats`` times inside the ranks.
+that of a trained one); the median seconds per iteration after ``--warmup`` iterations. Under several ranks each
+rank embeds every N-th synthetic and real image, and the ranks sum their per-class features and then their
+gradients; the communication is timed separately: the all-reduces of one iteration (their sizes recorded during
+the run) repeated ``--comm-repeats`` times inside the ranks, without the waiting for the slower rank that the
+iteration itself includes.
 
 Evaluation: :func:`monai_pld.engines.evaluation.evaluate_image_set` of a random-real-image set (IPC 10) with
 ``--eval-backbones`` x ``--eval-runs`` classifiers of ``--eval-epochs`` epochs each, wall time of the call; the
@@ -77,25 +79,36 @@ def dm_job(args: dict, out: str) -> None:
         device="cpu",
     )
     times: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda: times.append(-time.perf_counter()))
+    sizes: list[int] = []  # elements of every all-reduce of the latest iteration
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda: (times.append(-time.perf_counter()), sizes.clear()))
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda: times.__setitem__(-1, times[-1] + time.perf_counter())
     )
-    trainer.run()
-    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    numel = sum(p.numel() for p in params) + len(params) + 3  # gradients, the has-a-gradient flags, 3 loss terms
+    all_reduce = torch.distributed.all_reduce
+
+    def counted(tensor, *a, **k):
+        sizes.append(tensor.numel())
+        return all_reduce(tensor, *a, **k)
+
+    torch.distributed.all_reduce = counted
+    try:
+        trainer.run()
+    finally:
+        torch.distributed.all_reduce = all_reduce
     comm = []
-    if distributed.world_size() > 1:
-        flat = torch.zeros(numel)
+    if distributed.world_size() > 1:  # the same collectives again, alone: their cost without waiting for a peer
+        buffers = [torch.zeros(n) for n in sizes]
         for _ in range(args["comm_repeats"]):
             distributed.barrier()
             start = time.perf_counter()
-            torch.distributed.all_reduce(flat)
+            for b in buffers:
+                torch.distributed.all_reduce(b)
             comm.append(time.perf_counter() - start)
     if distributed.is_main():
         result = {
             "s_per_it": statistics.median(times[args["warmup"] :]),
-            "comm_bytes": 4 * numel if comm else 0,
+            "comm_bytes": 4 * sum(sizes) if comm else 0,
+            "comm_calls": len(sizes) if comm else 0,
             "comm_s": statistics.median(comm) if comm else 0.0,
         }
         Path(out).write_text(json.dumps(result))
@@ -240,7 +253,7 @@ def main() -> None:
                 comm_ms = 1000 * statistics.median(r["comm_s"] for r in comm)
                 print(
                     f"| {size} px, {SHAPES[size]} classes | {kind} | {' | '.join(f'{m:.2f}' for m in med)} | "
-                    f"{med[0] / med[2]:.2f}x | {med[1] / med[2]:.2f}x | {kib:.0f} KiB, {comm_ms:.1f} ms |"
+                    f"{med[0] / med[2]:.2f}x | {med[1] / med[2]:.2f}x | {comm[0]["comm_calls"]} calls, {kib:.0f} KiB, {comm_ms:.1f} ms |"
                 )
     if results["evaluation"]:
         med = [statistics.median(r["seconds"] for r in results["evaluation"][n]) for n in names]
