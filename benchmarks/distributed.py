@@ -253,7 +253,8 @@ def main() -> None:
                 comm_ms = 1000 * statistics.median(r["comm_s"] for r in comm)
                 print(
                     f"| {size} px, {SHAPES[size]} classes | {kind} | {' | '.join(f'{m:.2f}' for m in med)} | "
-                    f"{med[0] / med[2]:.2f}x | {med[1] / med[2]:.2f}x | {comm[0]["comm_calls"]} calls, {kib:.0f} KiB, {comm_ms:.1f} ms |"
+                    f"{med[0] / med[2]:.2f}x | {med[1] / med[2]:.2f}x | "
+                    f"{comm[0]['comm_calls']} calls, {kib:.0f} KiB, {comm_ms:.1f} ms |"
                 )
     if results["evaluation"]:
         med = [statistics.median(r["seconds"] for r in results["evaluation"][n]) for n in names]
