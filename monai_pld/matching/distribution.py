@@ -187,19 +187,23 @@ class DistributionMatcher(Matcher):
         net = net.to(device).requires_grad_(False).train()
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
-    def _class_sums(
-        self, features: torch.Tensor, labels: torch.Tensor, across_ranks: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class sums of the features ``(num_classes, F)`` and per-class counts; ``across_ranks``: over every
-        rank's images, with the gradient flowing into this rank's own features only (the others' part is a
-        constant here, and differentiated on its own rank)."""
+    def _class_sums(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class sums of the features ``(num_classes, F)`` (zero for absent classes) and per-class counts."""
         sums = features.new_zeros(self.num_classes, features.shape[1]).index_add(0, labels, features)
-        counts = torch.bincount(labels, minlength=self.num_classes)
-        if across_ranks:
-            total = distributed.all_reduce_sum(torch.cat([sums.detach(), counts.unsqueeze(1).to(sums.dtype)], 1))
-            sums = sums + (total[:, :-1] - sums.detach())
-            counts = total[:, -1].round().long()
-        return sums, counts
+        return sums, torch.bincount(labels, minlength=self.num_classes)
+
+    @staticmethod
+    def _over_ranks(
+        real_sum: torch.Tensor, real_count: torch.Tensor, syn_sum: torch.Tensor, syn_count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every rank's per-class sums and counts summed, in one all-reduce. The synthetic sums keep the gradient
+        of this rank's own features only: the other ranks' part is a constant here and differentiated on its own
+        rank, so the ranks' gradients add up to the single-process one."""
+        f = real_sum.shape[1]
+        local = torch.cat([real_sum, real_count[:, None], syn_sum.detach(), syn_count[:, None]], 1)
+        total = distributed.all_reduce_sum(local.to(real_sum.dtype))
+        syn_sum = syn_sum + (total[:, f + 1 : 2 * f + 1] - syn_sum.detach())
+        return total[:, :f], total[:, f].round().long(), syn_sum, total[:, -1].round().long()
 
     def loss(
         self,
@@ -238,11 +242,13 @@ class DistributionMatcher(Matcher):
                 real = self.augment(real, dsa_seed, groups=real_labels)
             with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.real_dtype == "bfloat16"):
                 features = self._embed(net, real)
-            real_sum, real_count = self._class_sums(features.float(), real_labels, across_ranks)
+            real_sum, real_count = self._class_sums(features.float(), real_labels)
         syn = self.normalize(syn_images)
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
-        syn_sum, syn_count = self._class_sums(self._embed(net, syn), syn_labels, across_ranks)
+        syn_sum, syn_count = self._class_sums(self._embed(net, syn), syn_labels)
+        if across_ranks:
+            real_sum, real_count, syn_sum, syn_count = self._over_ranks(real_sum, real_count, syn_sum, syn_count)
         real_mean = real_sum / real_count.clamp_min(1).unsqueeze(1).to(real_sum.dtype)
         syn_mean = syn_sum / syn_count.clamp_min(1).unsqueeze(1).to(syn_sum.dtype)
         present = ((real_count > 0) & (syn_count > 0)).to(syn_mean.dtype)
