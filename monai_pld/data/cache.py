@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_pld.utils import atomic_savez
+
 __all__ = ["cache_folder", "decode_into", "fingerprint", "load_or_build"]
 
 logger = logging.getLogger("monai_pld")
@@ -84,8 +86,6 @@ def load_or_build(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dic
     Older caches of the same source (files named ``<prefix>_*.npz`` with ``path``'s prefix, the name up to the
     fingerprint) are removed after a rebuild so a changing folder does not fill the disk.
     """
-    from monai_pld.utils import atomic_savez
-
     if path.is_file():
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}

@@ -10,19 +10,22 @@ on every run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from monai_pld.utils import ConfigError, as_bool
+
 from .base import ImageSet
+from .files import load_files
 from .medmnist import DatasetNotFoundError
+from .preprocess import Preprocess
+from .splits import Source, assign_splits, check_classes, split_file
 
 __all__ = [
     "CUSTOM_FORMATS",
@@ -56,8 +59,6 @@ DEFAULT_DATA_OPTIONS: dict[str, Any] = {
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
-    from monai_pld.utils import ConfigError
-
     raise ConfigError(f"data_options '{key}' must be {expected}, got {value!r} (bundles/custom: --{key} <value>)")
 
 
@@ -67,8 +68,6 @@ def check_data_options(options: dict[str, Any] | None) -> dict[str, Any]:
     Raises:
         ConfigError: an unknown key (with the known ones), or a value of the wrong kind (naming key and value).
     """
-    from monai_pld.utils import as_bool
-
     options = dict(options or {})
     unknown = sorted(set(options) - set(DEFAULT_DATA_OPTIONS))
     if unknown:
@@ -114,8 +113,6 @@ def source_format(path: Path, fmt: str = "auto") -> str:
     by_suffix = {".json": "datalist", ".csv": "csv", ".npz": "npz"}
     if path.suffix.lower() in by_suffix:
         return by_suffix[path.suffix.lower()]
-    from monai_pld.utils import ConfigError
-
     raise ConfigError(
         f"cannot tell the input form of dataset_dir {str(path)!r}: give an image folder, a .json datalist, a .csv "
         "or an .npz, or set data_options format to folder | datalist | csv | npz"
@@ -145,82 +142,6 @@ def source_summary(data: ImageSet) -> dict[str, Any]:
         "converted": dict(info.get("converted") or {}),
         "skipped_unreadable": len(info.get("skipped") or []),
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# splits
-
-
-@dataclass
-class _Source:
-    """What a source lists: a key per image (relative path, or ``<split>:<index>`` in an npz), its label, the split
-    the source puts it in (or None), and the class names."""
-
-    keys: list[str]
-    labels: np.ndarray
-    splits: list[str | None]
-    class_names: list[str]
-
-
-def _stratified_holdout(
-    keys: list[str], labels: np.ndarray, fractions: dict[str, float], seed: int
-) -> dict[str, list[str]]:
-    """Per class, a seeded shuffle; the first ``round(n * fraction)`` go to each held-out split, at least one image
-    of every class staying in train."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[str]] = {name: [] for name in fractions}
-    for c in np.unique(labels):
-        index = np.flatnonzero(labels == c)
-        index = index[rng.permutation(len(index))]
-        start = 0
-        for name, fraction in fractions.items():
-            take = min(int(round(len(index) * fraction)), max(len(index) - 1 - start, 0))
-            out[name] += [keys[i] for i in index[start : start + take]]
-            start += take
-    return {name: sorted(v) for name, v in out.items()}
-
-
-def _assign_splits(source: _Source, opts: dict[str, Any], split_file: Path) -> np.ndarray:
-    """The split of every image: the source's own, with missing held-out splits carved out of train through the
-    split file (read when it exists and matches the seed and fractions, else written)."""
-    splits = np.array([s or "train" for s in source.splits], dtype=object)
-    missing = [s for s in ("val", "test") if not np.any(splits == s)]
-    fractions = {s: float(opts[f"{s}_fraction"]) for s in missing if opts[f"{s}_fraction"] > 0}
-    if not fractions:
-        return splits
-    wanted = {"split_seed": opts["split_seed"], "fractions": fractions}
-    held: dict[str, list[str]] | None = None
-    if split_file.is_file():
-        try:
-            record = json.loads(split_file.read_text(encoding="utf-8"))
-            if {k: record.get(k) for k in wanted} == wanted:
-                held = {s: list(record["heldout"][s]) for s in fractions}
-            else:
-                logger.warning(
-                    f"split file {split_file} was made with {record.get('fractions')}, not {fractions}: replacing it, "
-                    "so other images are held out than before (runs distilled before this one saw different ones)"
-                )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.warning(f"split file {split_file} is unreadable ({e}); writing a new one")
-    train = np.flatnonzero(splits == "train")
-    train_keys = [source.keys[i] for i in train]
-    if held is None:
-        held = _stratified_holdout(train_keys, source.labels[train], fractions, opts["split_seed"])
-        from monai_pld.utils import atomic_save_json
-
-        atomic_save_json({**wanted, "source_images": len(train_keys), "heldout": held}, split_file)
-        logger.info(f"held out {', '.join(f'{len(v)} {s}' for s, v in held.items())} images; split file {split_file}")
-    else:
-        known = set(train_keys)
-        gone = sum(k not in known for v in held.values() for k in v)
-        if gone:
-            logger.warning(f"{gone} held-out images of the split file {split_file} are no longer in the source")
-    position = {k: i for i, k in zip(train, train_keys, strict=True)}
-    for name, names in held.items():
-        for key in names:
-            if key in position:
-                splits[position[key]] = name
-    return splits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,13 +194,13 @@ def _load_npz(path: Path, split: str, image_size: int | None, opts: dict[str, An
                 f"found {labels.min()}..{labels.max()}"
             )
     own = [s for s, (_, labels) in parts.items() for _ in range(len(labels))]
-    source = _Source(
+    source = Source(
         [f"{s}:{i}" for s, (_, labels) in parts.items() for i in range(len(labels))],
         np.concatenate([labels for _, labels in parts.values()]),
         own,
         names,
     )
-    splits = _assign_splits(source, opts, _split_file(path, opts))
+    splits = assign_splits(source, opts, split_file(path, opts))
     pick = np.flatnonzero(splits == split)
     if not len(pick):
         raise ValueError(f"{path} has no {split}_images and {split}_fraction is 0, so there is no {split} split")
@@ -300,7 +221,7 @@ def _to_imageset(
 ) -> ImageSet:
     """NHWC arrays to an ImageSet; uint8 at the asked size and channels go straight through (no per-image work)."""
     if split == "train":
-        _check_classes(labels, names, str(path))
+        check_classes(labels, names, str(path))
     native = 3 if images.shape[-1] == 4 else images.shape[-1]
     channels = opts["channels"] or native
     size = size or images.shape[1]
@@ -314,21 +235,9 @@ def _to_imageset(
     return ImageSet(tensor, torch.from_numpy(labels), names, "custom", info)
 
 
-def _check_classes(train_labels: np.ndarray, names: list[str], where: str) -> None:
-    counts = np.bincount(train_labels, minlength=len(names))
-    empty = [f"{c} ({names[c]})" for c in np.flatnonzero(counts == 0)]
-    if empty:
-        raise ValueError(
-            f"{where}: class {', '.join(empty)} has no training images; every class needs training images to be "
-            "distilled: add images of it, or remove the class from the labels"
-        )
-
-
 def _preprocess_array(
     images: np.ndarray, size: int, channels: int, opts: dict, what: str
 ) -> tuple[np.ndarray, dict[str, int]]:
-    from .preprocess import Preprocess
-
     prep = Preprocess(size, channels, opts["intensity"])
     out = np.empty((len(images), channels, size, size), dtype=np.uint8)
     for i in range(len(images)):
@@ -336,14 +245,6 @@ def _preprocess_array(
     if prep.converted:
         logger.info(f"{what}: converted {prep.summary()}")
     return out, dict(prep.converted)
-
-
-def _split_file(source: Path, opts: dict[str, Any]) -> Path:
-    from .cache import cache_folder, fingerprint
-
-    folder = cache_folder(source.parent if source.is_file() else source, opts["cache_dir"])
-    tag = fingerprint([str(source.resolve())])[:8]
-    return folder / f"{source.stem}_{tag}_split_seed{opts['split_seed']}.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,6 +281,4 @@ def load_custom(
     fmt = source_format(path, opts["format"])
     if fmt == "npz":
         return _load_npz(path, split, image_size, opts)
-    from .files import load_files
-
     return load_files(path, fmt, split, image_size or 28, opts)

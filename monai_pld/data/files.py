@@ -21,7 +21,8 @@ import torch
 
 from .base import ImageSet
 from .cache import cache_folder, decode_into, fingerprint, load_or_build
-from .custom import _assign_splits, _check_classes, _Source, _split_file
+from .preprocess import Preprocess
+from .splits import Source, assign_splits, check_classes, split_file
 
 __all__ = ["IMAGE_SUFFIXES", "list_csv", "list_datalist", "list_folder", "load_files", "read_image"]
 
@@ -134,7 +135,7 @@ def _check_inside(files: list[str], where: list[str], root: Path, allow_outside:
             )
 
 
-def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[str]]:
+def list_folder(root: Path, allow_outside: bool = False) -> tuple[Source, list[str]]:
     """An ImageFolder (``<root>/<class>/<images>``), or ``train/``, ``val/``, ``test/`` folders each laid out so."""
     split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
     if "train" not in split_dirs:
@@ -167,7 +168,7 @@ def list_folder(root: Path, allow_outside: bool = False) -> tuple[_Source, list[
             splits += [split] * len(found)
     if not files:
         raise ValueError(f"{root} holds no images")
-    return _Source(_relative(files, root), np.asarray(labels, dtype=np.int64), splits, class_names), files
+    return Source(_relative(files, root), np.asarray(labels, dtype=np.int64), splits, class_names), files
 
 
 def _images_under(folder: str, real_root: str, allow_outside: bool) -> list[str]:
@@ -265,7 +266,7 @@ def _check_exist(files: list[str], where: list[str]) -> None:
             )
 
 
-def list_datalist(path: Path, allow_outside: bool = False) -> tuple[_Source, list[str]]:
+def list_datalist(path: Path, allow_outside: bool = False) -> tuple[Source, list[str]]:
     """A MONAI (Decathlon) datalist: ``training`` / ``validation`` / ``test`` lists of ``{"image", "label"}``,
     read with ``monai.data.load_decathlon_datalist``; an optional top-level ``labels`` maps indices to names."""
     from monai.data import load_decathlon_datalist
@@ -299,10 +300,10 @@ def list_datalist(path: Path, allow_outside: bool = False) -> tuple[_Source, lis
     labels, names = _label_indices(values, where, document.get("labels"), str(path))
     _check_exist(files, where)
     _check_inside(files, where, base, allow_outside)
-    return _Source(_relative(files, base), np.asarray(labels, dtype=np.int64), splits, names), files
+    return Source(_relative(files, base), np.asarray(labels, dtype=np.int64), splits, names), files
 
 
-def list_csv(path: Path, path_column: str, label_column: str, allow_outside: bool = False) -> tuple[_Source, list[str]]:
+def list_csv(path: Path, path_column: str, label_column: str, allow_outside: bool = False) -> tuple[Source, list[str]]:
     """A CSV with a path column and a label column (class indices or names); paths relative to the CSV's folder."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -326,7 +327,7 @@ def list_csv(path: Path, path_column: str, label_column: str, allow_outside: boo
     labels, names = _label_indices([row[label_column] or "" for row in rows], where, None, str(path))
     _check_exist(files, where)
     _check_inside(files, where, base, allow_outside)
-    return _Source(_relative(files, base), np.asarray(labels, dtype=np.int64), [None] * len(rows), names), files
+    return Source(_relative(files, base), np.asarray(labels, dtype=np.int64), [None] * len(rows), names), files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,8 +355,6 @@ def _unreadable_message(failures: list[tuple[str, str]]) -> str:
 
 
 def _decode_all(files: list[str], size: int, channels: int, opts: dict[str, Any], what: str) -> dict:
-    from .preprocess import Preprocess  # MONAI's transforms take seconds to import; a cached load needs none
-
     prep = Preprocess(size, channels, opts["intensity"])
     images = np.zeros((len(files), channels, size, size), dtype=np.uint8)
     readable = np.ones(len(files), dtype=bool)
@@ -409,15 +408,15 @@ def load_files(path: Path, fmt: str, split: str, size: int, opts: dict[str, Any]
         failures = [(p, "recorded as unreadable in the cache") for p in record["skipped"]]
         raise ValueError(_unreadable_message(failures))
     keep = np.flatnonzero(readable)
-    source = _Source(
+    source = Source(
         [source.keys[i] for i in keep], source.labels[keep], [source.splits[i] for i in keep], source.class_names
     )
-    splits = _assign_splits(source, opts, _split_file(path, opts))
+    splits = assign_splits(source, opts, split_file(path, opts))
     pick = np.flatnonzero(splits == split)
     if not len(pick):
         raise ValueError(f"{path} gives no {split} images: add a {split} list/folder or set {split}_fraction > 0")
     if split == "train":
-        _check_classes(source.labels[pick], source.class_names, str(path))
+        check_classes(source.labels[pick], source.class_names, str(path))
     images = arrays["images"][keep[pick]]
     info = {"format": fmt, "cache": str(cache), "images": len(files), **record}
     return ImageSet(torch.from_numpy(images), torch.from_numpy(source.labels[pick]), source.class_names, "custom", info)

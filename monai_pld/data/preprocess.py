@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from monai.transforms import CenterSpatialCrop, Resize, ScaleIntensity, ScaleIntensityRange
-from monai.utils import convert_to_numpy
+
+# MONAI's transforms take seconds to import and a cached load needs none, so they are imported when an image is
+# first preprocessed (this module itself is imported with the data package)
 
 __all__ = ["Preprocess"]
 
@@ -29,6 +30,8 @@ class Preprocess:
     """
 
     def __init__(self, size: int, channels: int, intensity: str | list[float] = "minmax") -> None:
+        from monai.transforms import Resize, ScaleIntensity, ScaleIntensityRange
+
         self.size, self.channels = int(size), int(channels)
         if intensity == "minmax":
             self.scale = ScaleIntensity(minv=0.0, maxv=255.0)
@@ -46,6 +49,9 @@ class Preprocess:
 
     def apply(self, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """``image`` ``(C, H, W)`` -> uint8 ``(channels, size, size)`` and notes such as ``"RGB to grey"``."""
+        from monai.transforms import CenterSpatialCrop
+        from monai.utils import convert_to_numpy
+
         notes: list[str] = []
         if image.ndim != 3:
             raise ValueError(f"expected a channel-first 2D image (C, H, W), got shape {image.shape}")
