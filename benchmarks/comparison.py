@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_pld.builders import build_trainer
 from monai_pld.data import load_dataset
-from monai_pld.engines.evaluation import ImageSource, load_image_source, summarise, train_and_test
+from monai_pld.evaluation import ImageSource, load_image_source, summarise, train_and_test
 from monai_pld.utils import derive_seed
+from monai_pld.workflows import build_trainer
 
 
 def distil(kind, train, generator_path, args, ipc, rank=8, kl_weight=0.0):

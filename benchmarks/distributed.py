@@ -7,7 +7,7 @@ Run (quiet machine only: check /proc/loadavg):
     python benchmarks/distributed.py --parts dm --sizes 28 --kinds pixel --rounds 1
     python benchmarks/distributed.py --ranks 4 --threads 4    # on a machine with more cores
 
-DM: the trainer of :func:`monai_pld.builders.build_trainer` (``ipc`` slots per class, ``batch_real`` real images
+DM: the trainer of :func:`monai_pld.workflows.build_trainer` (``ipc`` slots per class, ``batch_real`` real images
 per class, random uint8 images of the shape, an untrained generator of the default architecture, whose speed is
 that of a trained one); the median seconds per iteration after ``--warmup`` iterations. Under several ranks each
 rank embeds every N-th synthetic and real image, and the ranks sum their per-class features and then their
@@ -15,7 +15,7 @@ gradients; the communication is timed separately: the all-reduces of one iterati
 the run) repeated ``--comm-repeats`` times inside the ranks, without the waiting for the slower rank that the
 iteration itself includes.
 
-Evaluation: :func:`monai_pld.engines.evaluation.evaluate_image_set` of a random-real-image set (IPC 10) with
+Evaluation: :func:`monai_pld.evaluation.evaluate_image_set` of a random-real-image set (IPC 10) with
 ``--eval-backbones`` x ``--eval-runs`` classifiers of ``--eval-epochs`` epochs each, wall time of the call; the
 ranks share the (backbone, run) pairs. Every configuration is run once per round, in turn, so that machine noise
 touches them alike; the tables give medians over rounds. Every configuration runs in fresh processes
@@ -63,7 +63,7 @@ def dm_job(args: dict, out: str) -> None:
     from ignite.engine import Events
 
     from monai_pld import distributed
-    from monai_pld.builders import build_trainer
+    from monai_pld.workflows import build_trainer
 
     data = _dataset(args["size"], args["per_class"])
     trainer = build_trainer(
@@ -117,7 +117,7 @@ def dm_job(args: dict, out: str) -> None:
 def eval_job(args: dict, out: str) -> None:
     """One evaluation in this process (any rank); rank 0 writes ``{"seconds"}`` to ``out``."""
     from monai_pld import distributed
-    from monai_pld.engines.evaluation import evaluate_image_set, load_image_source
+    from monai_pld.evaluation import evaluate_image_set, load_image_source
 
     train = _dataset(28, args["per_class"])
     test = _dataset(28, max(args["per_class"] // 5, 10))

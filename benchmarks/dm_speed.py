@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
 from monai_pld.utils import derive_seed
+from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REF = ROOT.parent / "shared" / "reference" / "DatasetCondensation"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from monai_pld.data import ImageSet
-from monai_pld.engines.evaluation import ImageSource, train_and_test
+from monai_pld.evaluation import ImageSource, train_and_test
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("convnet", "alexnet", "vgg11", "resnet18", "vit")

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
+from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
 
 VARIANTS = {
     "latent (deterministic codes)": dict(kind="latent"),

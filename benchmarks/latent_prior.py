@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from monai_pld.builders import build_trainer, load_distribution
 from monai_pld.data import ImageSet, load_dataset
-from monai_pld.engines.evaluation import ImageSource, load_image_source, train_and_test
 from monai_pld.engines.generator import pretrain_generator
-from monai_pld.handlers.export import export_distilled_set
+from monai_pld.evaluation import ImageSource, load_image_source, train_and_test
+from monai_pld.formats import export_distilled_set, load_distribution
 from monai_pld.networks.generators import PixelGenerator, load_generator
 from monai_pld.utils import derive_seed
+from monai_pld.workflows import build_trainer
 
 
 def parse_row(spec: str) -> dict:

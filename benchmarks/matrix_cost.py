@@ -47,10 +47,10 @@ def run_cell(args: argparse.Namespace) -> dict:
     """One cell in this process: build everything, run warm-up + timed iterations, report timings and memory."""
     from ignite.engine import Events
 
-    from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
     from monai_pld.data import ClassBalancedBatches, ImageSet
     from monai_pld.engines import DistillationTrainer
     from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
+    from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
 
     torch.set_num_threads(args.threads)
     channels, classes = SHAPES[args.size]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from monai_pld.builders import build_generator, build_matcher, build_optimizer, build_parameterization
 from monai_pld.data import ClassBalancedBatches, ImageSet, load_dataset
 from monai_pld.engines import DistillationTrainer
-from monai_pld.export.privacy import audit_privacy
+from monai_pld.sharing.privacy import audit_privacy
+from monai_pld.workflows import build_generator, build_matcher, build_optimizer, build_parameterization
 
 
 def distilled_set(

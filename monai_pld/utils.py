@@ -1,5 +1,8 @@
-"""Small shared helpers: atomic file writes, checksums, config checks, seeds, version records and the MLflow
-experiment every run logs into."""
+"""Small shared helpers, the lowest layer above ``distributed`` and ``defaults``: atomic file writes, checksums,
+checks of single config values, seeds, durations, version records and the MLflow experiment every run logs into.
+
+Checks that need datasets or registries (``check_distillation_config`` and the other bundle checks) live in
+:mod:`monai_pld.workflows.config`."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import torch
 
+import monai_pld
 from monai_pld import distributed
-from monai_pld.defaults import OPTIMIZERS, default_learning_rates
 
 __all__ = [
     "ConfigError",
@@ -32,8 +35,10 @@ __all__ = [
     "library_versions",
     "resolve_device",
     "derive_seed",
-    "check_distillation_config",
     "check_generator_settings",
+    "check_int",
+    "check_number",
+    "format_duration",
     "flatten_params",
     "default_artifact_location",
     "mlflow_experiment",
@@ -125,8 +130,6 @@ def library_versions() -> dict[str, str]:
     import ignite
     import monai
 
-    import monai_pld
-
     # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses to unpickle.
     versions = {
         "monai_pld": str(monai_pld.__version__),
@@ -173,134 +176,28 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def format_duration(seconds: float) -> str:
+    """``3725.2`` -> ``'1h02m05s'``; short durations keep one decimal (``'4.2s'``)."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise :class:`ConfigError` unless config value ``name`` is an integer (not a bool) ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"'{name}' must be an integer >= {minimum}, got {value!r}; e.g. --{name} {max(minimum, 1)}")
 
 
-def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+def check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a finite number ``>= minimum`` (``>`` when ``strict``)."""
     ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
     ok = ok and (value > minimum if strict else value >= minimum)
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ConfigError(f"'{name}' must be a finite number {bound}, got {value!r}")
-
-
-def check_distillation_config(
-    ipc: Any,
-    iterations: Any,
-    matcher: Any,
-    parameterization: Any,
-    rank: Any,
-    image_size: Any,
-    seed: Any = 0,
-    device: Any = "auto",
-    samples_per_slot: Any = 1,
-    batch_real_per_class: Any = 64,
-    kl_weight: Any = 0.0,
-    lr_codes: Any = 0.01,
-    lr_network: Any = 0.001,
-    log_interval: Any = 1,
-    checkpoint_interval: Any = 1,
-    resume: Any = False,
-    download: Any = True,
-    antithetic: Any = False,
-    dataset_flag: Any = None,
-    lr_matcher: Any = 1e-5,
-    dc_loops: Any = "reference",
-    mtt_syn_steps: Any = 20,
-    mtt_expert_epochs: Any = 3,
-    mtt_max_start_epoch: Any = 25,
-    mtt_batch_syn: Any = None,
-    dataset_dir: Any = None,
-    data_options: Any = None,
-    latent_layer: Any = 0,
-    include_mean: Any = True,
-    optimizer: Any = "adam",
-    momentum: Any = 0.5,
-    generator: Any = None,
-) -> dict[str, Any]:
-    """Check every distillation config value before any work starts.
-
-    ``lr_codes``/``lr_network`` may be ``auto``: the per-space defaults of :mod:`monai_pld.defaults` for this
-    parameterisation, matcher and ``latent_layer``. ``generator`` holds the pretraining settings
-    (``steps``, ``batch_size``, ``lr``, ``kl_weight``, ``augment``, ``policy``...).
-
-    Returns:
-        the normalised values (booleans parsed, device resolved to a string, learning rates resolved) and
-        ``iterations``: the configured number, or 1 for the real-image baselines (``random``/``full``), which have
-        nothing to optimise.
-
-    Raises:
-        ConfigError: naming the first offending key, its value and what is accepted.
-    """
-    _check_int("ipc", ipc, 1)
-    _check_int("iterations", iterations, 1)
-    _check_int("rank", rank, 0)
-    _check_int("seed", seed, 0)
-    _check_int("samples_per_slot", samples_per_slot, 1)
-    _check_int("batch_real_per_class", batch_real_per_class, 1)
-    _check_int("log_interval", log_interval, 1)
-    _check_int("checkpoint_interval", checkpoint_interval, 1)
-    if matcher not in MATCHERS:
-        raise ConfigError(f"'matcher' must be one of {list(MATCHERS)}, got {matcher!r}; e.g. --matcher dm")
-    if parameterization not in PARAMETERIZATIONS + BASELINES:
-        raise ConfigError(
-            f"'parameterization' must be one of {list(PARAMETERIZATIONS + BASELINES)}, got {parameterization!r}; "
-            "e.g. --parameterization slfd"
-        )
-    if image_size not in IMAGE_SIZES:
-        raise ConfigError(f"'image_size' must be one of {list(IMAGE_SIZES)}, got {image_size!r}")
-    if dataset_flag is not None:
-        from monai_pld.data import check_dataset
-
-        try:
-            check_dataset(dataset_flag, image_size, dataset_dir, data_options)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    _check_number("lr_matcher", lr_matcher, 0.0)
-    if dc_loops not in ("reference", "glad") and not (
-        isinstance(dc_loops, (list, tuple))
-        and len(dc_loops) == 2
-        and all(isinstance(v, int) and v >= 1 for v in dc_loops)
-    ):
-        raise ConfigError(
-            f"'dc_loops' must be 'reference', 'glad' or a pair [outer, inner] of positive integers, got {dc_loops!r}"
-        )
-    _check_int("mtt_syn_steps", mtt_syn_steps, 1)
-    _check_int("mtt_expert_epochs", mtt_expert_epochs, 1)
-    _check_int("mtt_max_start_epoch", mtt_max_start_epoch, 0)
-    if mtt_batch_syn is not None:
-        _check_int("mtt_batch_syn", mtt_batch_syn, 1)
-    _check_number("kl_weight", kl_weight, 0.0)
-    _check_int("latent_layer", latent_layer, 0)
-    # latent_layer splits the generator's decoder; pixel and the real-image baselines have no decoder and ignore it
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
-    _check_number("momentum", momentum, 0.0)
-    if parameterization in PARAMETERIZATIONS:
-        auto_codes, auto_network = default_learning_rates(parameterization, matcher, int(latent_layer))
-    else:
-        auto_codes, auto_network = 1.0, 1.0  # nothing is optimised
-    lr_codes = auto_codes if lr_codes == "auto" else lr_codes
-    lr_network = auto_network if lr_network == "auto" else lr_network
-    _check_number("lr_codes", lr_codes, 0.0, strict=True)
-    _check_number("lr_network", lr_network, 0.0, strict=True)
-    if generator is not None:
-        check_generator_settings(generator)
-    antithetic = as_bool(antithetic, "antithetic")
-    if antithetic and samples_per_slot % 2:
-        raise ConfigError(f"'samples_per_slot' must be even with antithetic sampling, got {samples_per_slot}")
-    return {
-        "resume": as_bool(resume, "resume"),
-        "download": as_bool(download, "download"),
-        "antithetic": antithetic,
-        "device": str(resolve_device(device)),
-        "iterations": 1 if parameterization in BASELINES else int(iterations),
-        "include_mean": as_bool(include_mean, "include_mean"),
-        "lr_codes": float(lr_codes),
-        "lr_network": float(lr_network),
-    }
 
 
 def check_generator_settings(settings: Any) -> None:
@@ -314,17 +211,17 @@ def check_generator_settings(settings: Any) -> None:
     network = settings.get("network") or {}
     for key in ("steps", "batch_size"):
         if key in settings:
-            _check_int(f"generator_{key}", settings[key], 1)
+            check_int(f"generator_{key}", settings[key], 1)
     if "seed" in settings:
-        _check_int("generator_seed", settings["seed"], 0)
+        check_int("generator_seed", settings["seed"], 0)
     if settings.get("max_train_images") is not None:
-        _check_int("generator_max_train_images", settings["max_train_images"], 1)
+        check_int("generator_max_train_images", settings["max_train_images"], 1)
     for key in ("downsamplings", "latent_channels"):
         if network.get(key) is not None:
-            _check_int(f"generator_{key}", network[key], 1)
+            check_int(f"generator_{key}", network[key], 1)
     for key in ("lr", "kl_weight", "min_psnr"):
         if key in settings:
-            _check_number(f"generator_{key}", settings[key], 0.0)
+            check_number(f"generator_{key}", settings[key], 0.0)
     if settings.get("augment", "flip") not in ("flip", "none"):
         raise ConfigError(f"'generator_augment' must be 'flip' or 'none', got {settings['augment']!r}")
     if settings.get("policy", "match") not in ("match", "retrain", "any"):

@@ -273,8 +273,8 @@ def distil_tiny(
     from ignite.engine import Events
 
     from monai_pld import distributed
-    from monai_pld.builders import build_trainer
     from monai_pld.data import load_dataset
+    from monai_pld.workflows import build_trainer
 
     data = load_dataset("pathmnist", "train", data_dir, download=False)
     trainer = build_trainer(
@@ -327,9 +327,9 @@ def distributed_scenarios(data_dir, out_dir, generator_path):
 
     from monai_pld import distributed
     from monai_pld.data import load_dataset
-    from monai_pld.engines.evaluation import evaluate_image_set, load_image_source
     from monai_pld.engines.experts import train_experts
     from monai_pld.engines.generator import pretrain_generator
+    from monai_pld.evaluation import evaluate_image_set, load_image_source
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,10 @@ from monai_pld.utils import (
     ConfigError,
     as_bool,
     atomic_save_json,
-    check_distillation_config,
     derive_seed,
     resolve_device,
 )
+from monai_pld.workflows import check_distillation_config
 
 GOOD = dict(ipc=10, iterations=5, matcher="dm", parameterization="slfd", rank=8, image_size=28)
 

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from monai_pld.export import load_distilled
+from monai_pld.formats import load_distilled
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "custom"

@@ -386,7 +386,7 @@ def test_check_dataset_for_custom(tmp_path):
 
 
 def test_distillation_config_check_covers_custom_data(tmp_path):
-    from monai_pld.utils import check_distillation_config
+    from monai_pld.workflows import check_distillation_config
 
     common = {"ipc": 1, "iterations": 1, "matcher": "dm", "parameterization": "slfd", "rank": 0, "image_size": 28}
     with pytest.raises(ConfigError, match="'dataset_dir' is not set.*--dataset_dir"):

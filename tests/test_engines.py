@@ -7,14 +7,14 @@ import pytest
 import torch
 from helpers import write_medmnist_npz
 
-from monai_pld.builders import build_matcher, build_optimizer, build_parameterization, build_trainer
 from monai_pld.data import ClassBalancedBatches, load_medmnist
 from monai_pld.defaults import DEFAULT_LEARNING_RATES
 from monai_pld.engines import DistillationTrainer, ensure_generator, pretrain_generator, reconstruction_metrics
-from monai_pld.engines.evaluation import load_image_source
 from monai_pld.engines.generator import random_flips, warn_if_blurry
-from monai_pld.handlers.export import export_distilled_set
+from monai_pld.evaluation import load_image_source
+from monai_pld.formats import export_distilled_set
 from monai_pld.networks.generators import AutoencoderKLGenerator, GeneratorCheckpointError, default_autoencoder_config
+from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization, build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,7 @@ def test_random_flips_only_flip():
 
 @pytest.mark.parametrize("kind", ["slfd", "latent"])
 def test_exported_distribution_reloads(tiny, tmp_path, kind):
-    from monai_pld.builders import load_distribution
-    from monai_pld.handlers import export_distilled_set
+    from monai_pld.formats import export_distilled_set, load_distribution
 
     trainer = _trainer(tiny[1], kind=kind, iterations=2)
     trainer.run()

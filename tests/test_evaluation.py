@@ -9,15 +9,10 @@ import torch
 from helpers import REPO, run_evaluation_bundle
 
 from monai_pld.data import ImageSet
-from monai_pld.engines.evaluation import (
-    ImageSource,
-    check_evaluation_config,
-    classification_metrics,
-    load_image_source,
-    train_and_test,
-)
+from monai_pld.evaluation import ImageSource, classification_metrics, load_image_source, train_and_test
 from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import ConfigError
+from monai_pld.workflows import check_evaluation_config
 
 
 def colours(n_per_class, size=16, seed=0):
@@ -114,7 +109,7 @@ def test_evaluation_bundle_end_to_end(tmp_path, monkeypatch):
 
 
 def test_default_output_folder_never_writes_into_a_package(tmp_path):
-    from monai_pld.engines.evaluation import default_evaluation_dir
+    from monai_pld.evaluation import default_evaluation_dir
 
     run = tmp_path / "run"
     (run / "distilled").mkdir(parents=True)

@@ -17,8 +17,11 @@ from helpers import TINY_CLI as TINY
 from helpers import run_bundle, write_medmnist_npz
 
 from monai_pld.data import ImageSet, load_medmnist
-from monai_pld.engines.evaluation import load_image_source
-from monai_pld.export import (
+from monai_pld.evaluation import load_image_source
+from monai_pld.formats import export_distilled_set
+from monai_pld.networks.generators import PixelGenerator
+from monai_pld.networks.real_images import RealImageSet
+from monai_pld.sharing import (
     PACKAGE_FORMAT,
     PackageError,
     PrivacyAuditError,
@@ -27,9 +30,6 @@ from monai_pld.export import (
     package_sha256,
     read_nifti_stack,
 )
-from monai_pld.handlers.export import export_distilled_set
-from monai_pld.networks.generators import PixelGenerator
-from monai_pld.networks.real_images import RealImageSet
 
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "bundles" / "pathmnist" / "export.yaml"

@@ -18,9 +18,9 @@ import pytest
 import torch
 from helpers import write_medmnist_npz
 
-from monai_pld.builders import build_trainer
 from monai_pld.data import load_dataset
 from monai_pld.networks.generators import AutoencoderKLGenerator, default_autoencoder_config
+from monai_pld.workflows import build_trainer
 
 EXPECTED = {
     ("pixel", "dm"): (

@@ -376,9 +376,9 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def test_builder_seeds_the_network_whatever_the_global_rng_holds():
-    from monai_pld.builders import build_parameterization
     from monai_pld.data import ImageSet
     from monai_pld.networks.generators import PixelGenerator
+    from monai_pld.workflows import build_parameterization
 
     gen = torch.Generator().manual_seed(0)
     data = ImageSet(

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_pld.builders import build_optimizer
 from monai_pld.matching import GradientMatcher, Matcher
 from monai_pld.matching.gradient import REFERENCE_LOOPS, gradient_distance
+from monai_pld.workflows import build_optimizer
 
 SMALL = {"width": 16, "depth": 2}
 DSA = "color_crop_cutout_flip_scale_rotate"

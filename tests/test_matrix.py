@@ -12,8 +12,7 @@ import torch
 from helpers import write_cifar, write_medmnist_npz, write_subset
 from monai.bundle import ConfigWorkflow
 
-from monai_pld.builders import select_initial_indices
-from monai_pld.data import load_medmnist
+from monai_pld.data import load_medmnist, select_initial_indices
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "pathmnist"

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from monai_pld.data import ImageSet
-from monai_pld.export import privacy
-from monai_pld.export.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
+from monai_pld.sharing import privacy
+from monai_pld.sharing.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
 
 SIZE = 16
 
@@ -150,9 +150,7 @@ def test_feature_space(splits):
 
 
 def test_backbone_without_embed_is_refused(splits, monkeypatch):
-    import monai_pld.engines.evaluation as evaluation
-
-    monkeypatch.setattr(evaluation, "train_classifier", lambda *a, **k: (torch.nn.Identity(), {"train_seconds": 0}))
+    monkeypatch.setattr(privacy, "train_classifier", lambda *a, **k: (torch.nn.Identity(), {"train_seconds": 0}))
     with pytest.raises(ValueError, match="no embed"):
         audit(checkerboards(2), *splits, feature_epochs=1)
 

@@ -127,7 +127,7 @@ def test_chunked_decoding_gives_the_images_of_one_call():
     latents = torch.randn(7, *generator.latent_shape)
 
     def trainer(chunk):
-        from monai_pld.builders import build_matcher, build_optimizer, build_parameterization
+        from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
 
         data = _tiny_data()
         param = build_parameterization("latent", generator, data, 1)

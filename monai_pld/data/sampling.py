@@ -1,7 +1,10 @@
-"""Class-balanced real batches: an infinite, deterministic and resumable stream for the distillation engine."""
+"""Real images drawn from a split: the seeded initial selection of ``ipc`` images per class (which initialises
+distillation and is the ``random`` baseline), and class-balanced batches, an infinite, deterministic and resumable
+stream for the distillation engine."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -9,7 +12,39 @@ import torch
 from monai_pld.data.base import ImageSet
 from monai_pld.utils import derive_seed
 
-__all__ = ["ClassBalancedBatches"]
+__all__ = ["ClassBalancedBatches", "select_initial_images", "select_initial_indices"]
+
+logger = logging.getLogger("monai_pld")
+
+
+def select_initial_indices(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of ``ipc`` distinct random training images per class (seeded), class-sorted, and their labels.
+
+    Classes with fewer than ``ipc`` images repeat images (with a warning), so every class gets ``ipc`` slots.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for c, index in enumerate(dataset.class_indices()):
+        if len(index) == 0:
+            raise ValueError(f"class {c} ({dataset.class_names[c]}) has no training images; cannot initialise it")
+        if len(index) < ipc:
+            logger.warning(f"class {c} has {len(index)} images < ipc {ipc}: some initial images repeat")
+            pick = index[torch.randint(len(index), (ipc,), generator=gen)]
+        else:
+            pick = index[torch.randperm(len(index), generator=gen)[:ipc]]
+        chosen.append(pick)
+    labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
+    return torch.cat(chosen), labels
+
+
+def select_initial_images(dataset: ImageSet, ipc: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of :func:`select_initial_indices` as float ``[0, 1]``, with their labels.
+
+    The ``random`` baseline is exactly this selection, so it equals the starting point of ``pixel`` distillation
+    with the same seed.
+    """
+    order, labels = select_initial_indices(dataset, ipc, seed)
+    return dataset.float_images(order), labels
 
 
 class ClassBalancedBatches:

@@ -2,21 +2,9 @@
 recorded after every epoch.
 
 Each expert is trained by MONAI's ``SupervisedTrainer`` (SGD, per-sample DSA on every batch) and saved as one file,
-``expert_NNN.pt``, written atomically: plain tensors and Python values, loadable with
-``torch.load(weights_only=True)``. Its keys:
-
-* the settings (:func:`expert_settings`): ``format`` (``"monai_pld.expert/1"``), ``dataset``, ``train_images``,
-  ``in_channels``, ``num_classes``, ``image_size``, ``model``, ``model_kwargs``, ``epochs``, ``lr``, ``momentum``,
-  ``weight_decay``, ``batch_size``, ``dsa_strategy``, ``mean``, ``std``, ``seed``;
-* ``expert`` (its index), ``param_names`` and ``param_shapes`` (``named_parameters`` order), ``num_parameters``;
-* ``trajectory``: ``float32`` tensor ``(epochs + 1, num_parameters)``, the initial parameters and then one row after
-  every epoch, each the concatenation of the flattened parameters (the compact format: one tensor, no per-layer
-  dictionaries);
-* ``final_train_loss``, ``final_train_accuracy`` (last epoch, on the augmented batches), ``train_seconds``,
-  ``versions``.
-
-``experts.json`` indexes the folder (settings, file names and SHA-256). Finished experts are never retrained: a rerun
-or a run after a crash trains only the missing ones. :class:`ExpertBuffer` reads a folder back for the matcher.
+``expert_NNN.pt``, written atomically in the format of :mod:`monai_pld.formats.experts` (which also reads a folder
+back for the matcher). Finished experts are never retrained: a rerun or a run after a crash trains only the missing
+ones.
 """
 
 from __future__ import annotations
@@ -25,7 +13,6 @@ import logging
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,15 +26,24 @@ from torch.utils.data import DataLoader, TensorDataset
 from monai_pld import distributed
 from monai_pld.augment import DiffSiameseAugment
 from monai_pld.data import ImageSet
-from monai_pld.handlers.progress import format_duration
+from monai_pld.formats.experts import (
+    EXPERT_FORMAT,
+    ExpertBuffer,
+    ExpertFileError,
+    expert_file,
+    expert_settings,
+    read_expert,
+    write_expert,
+    write_expert_index,
+)
 from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import (
-    atomic_save_json,
-    atomic_save_torch,
     derive_seed,
+    flatten_params,
+    format_duration,
     library_versions,
+    mlflow_experiment,
     resolve_device,
-    sha256_file,
 )
 
 __all__ = [
@@ -61,118 +57,10 @@ __all__ = [
     "train_experts",
 ]
 
-EXPERT_FORMAT = "monai_pld.expert/1"
 logger = logging.getLogger("monai_pld")
 
 # derive_seed(seed, expert) initialises; a third part keeps batch order and augmentation draws apart
 _ORDER_STREAM, _AUGMENT_STREAM = 1, 2
-# the keys every expert file must carry, and those that must agree between the experts of one folder
-_REQUIRED = ("format", "epochs", "param_names", "param_shapes", "trajectory", "mean", "std", "model", "model_kwargs")
-_SAME_IN_FOLDER = (
-    "dataset",
-    "in_channels",
-    "num_classes",
-    "image_size",
-    "model",
-    "model_kwargs",
-    "mean",
-    "std",
-    "param_names",
-    "param_shapes",
-)
-_RUN_HINT = "python -m monai.bundle run --config_file bundles/<set>/train_experts.yaml"
-
-
-class ExpertFileError(ValueError):
-    """An expert file or folder is missing, unreadable or does not fit; the message names it and the fix."""
-
-
-def expert_settings(
-    dataset: ImageSet,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    batch_size: int,
-    model: str,
-    model_kwargs: dict[str, Any] | None,
-    dsa_strategy: str | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    seed: int,
-) -> dict[str, Any]:
-    """Everything that determines an expert besides its index: stored in every file and compared on resume.
-
-    Returns:
-        plain Python values (JSON- and ``weights_only``-safe).
-    """
-    return {
-        "format": EXPERT_FORMAT,
-        "dataset": dataset.name,
-        "train_images": len(dataset),
-        "in_channels": dataset.channels,
-        "num_classes": dataset.num_classes,
-        "image_size": dataset.image_size,
-        "model": str(model),
-        "model_kwargs": dict(model_kwargs or {}),
-        "epochs": int(epochs),
-        "lr": float(lr),
-        "momentum": float(momentum),
-        "weight_decay": float(weight_decay),
-        "batch_size": int(batch_size),
-        "dsa_strategy": dsa_strategy or "",
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "seed": int(seed),
-    }
-
-
-def read_expert(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """Load and validate one expert file with ``torch.load(weights_only=True)``.
-
-    Args:
-        path: an ``expert_NNN.pt``.
-        mmap: memory-map the tensors instead of reading them (cheap validation of large files).
-
-    Returns:
-        the record, with the trajectory on the CPU.
-
-    Raises:
-        ExpertFileError: naming the file, what is wrong with it and the fix.
-    """
-    path = Path(path)
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated zip, foreign pickle, ...: all mean "not a usable expert file"
-        raise ExpertFileError(
-            f"{path} cannot be read as an expert trajectory ({type(e).__name__}: {e}); delete it and run "
-            f"train_experts.yaml again to retrain it ({_RUN_HINT})"
-        ) from e
-    if not isinstance(record, dict) or record.get("format") != EXPERT_FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ExpertFileError(
-            f"{path} is not a {EXPERT_FORMAT} expert file (format {found!r}); delete it or point expert_dir at a "
-            "folder written by train_experts.yaml"
-        )
-    missing = [key for key in _REQUIRED if key not in record]
-    if missing:
-        raise ExpertFileError(f"{path} lacks the fields {missing}; delete it and retrain it with train_experts.yaml")
-    trajectory = record["trajectory"]
-    count = sum(math.prod(shape) for shape in record["param_shapes"])
-    expected = (int(record["epochs"]) + 1, count)
-    if (
-        not isinstance(trajectory, torch.Tensor)
-        or trajectory.dtype != torch.float32
-        or tuple(trajectory.shape) != expected
-    ):
-        got = (getattr(trajectory, "dtype", type(trajectory)), tuple(getattr(trajectory, "shape", ())))
-        raise ExpertFileError(
-            f"{path}: trajectory is {got}, expected float32 of shape {expected} (epochs + 1, parameters); delete "
-            "the file and retrain it"
-        )
-    if len(record["param_names"]) != len(record["param_shapes"]):
-        raise ExpertFileError(f"{path}: param_names and param_shapes differ in length; delete the file and retrain it")
-    return record
 
 
 def flat_parameters(network: nn.Module) -> torch.Tensor:
@@ -319,7 +207,7 @@ def train_experts(
     get_classifier(model, dataset.channels, dataset.num_classes, dataset.image_size, **settings["model_kwargs"])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"expert_{i:03d}.pt" for i in range(num_experts)]
+    files = [expert_file(out, i) for i in range(num_experts)]
     todo = []
     for i, path in enumerate(files):
         if not path.exists():
@@ -340,21 +228,14 @@ def train_experts(
     for n_done, i in enumerate(mine):
         record = _train_one(dataset, i, settings, dev, log_interval, num_experts, len(mine) - n_done - 1)
         results[i] = {k: record[k] for k in ("final_train_loss", "final_train_accuracy", "train_seconds")}
-        atomic_save_torch(record, files[i])  # each expert is safe on disk as soon as it is finished
+        write_expert(record, files[i])  # each expert is safe on disk as soon as it is finished
         logger.info(f"{distributed.rank_note()}expert {i + 1}/{num_experts} saved to {files[i]}")
     if distributed.world_size() > 1:
         results = {i: r for part in distributed.gather(results) for i, r in part.items()}
         if not distributed.is_main():  # rank 0 writes the index and the MLflow run
             distributed.barrier()
             return files
-    index = {
-        **settings,
-        "num_experts": num_experts,
-        "files": {p.name: sha256_file(p) for p in files},
-        "train_seconds_this_process": round(time.perf_counter() - start_all, 2),
-        "versions": library_versions(),
-    }
-    atomic_save_json(index, out / "experts.json")
+    write_expert_index(out, settings, files, time.perf_counter() - start_all)
     if tracking_uri and results:
         _log_mlflow(tracking_uri, experiment_name, f"experts_{dataset.name or 'dataset'}", settings, results)
     logger.info(f"{num_experts} experts in {out} ({len(todo)} trained now)")
@@ -444,8 +325,6 @@ def _log_mlflow(
     """One MLflow run with the settings as params and every expert's results as metrics stepped by its index."""
     import mlflow
 
-    from monai_pld.utils import flatten_params, mlflow_experiment
-
     exp_id = mlflow_experiment(tracking_uri, experiment_name)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     run_id = client.create_run(exp_id, run_name=run_name).info.run_id
@@ -459,84 +338,3 @@ def _log_mlflow(
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id)
-
-
-class ExpertBuffer:
-    """The expert files of a folder: validated on opening, trajectories loaded on demand (a few kept in memory).
-
-    Opening memory-maps every file to check its format, fields and shapes without reading the trajectories, and
-    checks that all the experts describe one architecture, dataset and normalisation. :meth:`trajectory` then
-    reads one expert fully and keeps the ``cache_size`` most recently used (100 experts of 51 epochs of a
-    0.3 M-parameter ConvNet would take 6 GB).
-
-    Args:
-        expert_dir: folder written by :func:`train_experts`.
-        cache_size: trajectories kept in memory.
-
-    Attributes:
-        files: the ``expert_*.pt`` files, sorted.
-        meta: the settings and parameter layout of the first file (no trajectory).
-        epochs: the fewest epochs of any expert (rows ``0..epochs`` exist in every trajectory).
-
-    Raises:
-        ExpertFileError: a missing or empty folder (says to run ``train_experts.yaml``), an unreadable or foreign
-            file, or experts that disagree (names the file and the field).
-    """
-
-    def __init__(self, expert_dir: str | os.PathLike, cache_size: int = 4) -> None:
-        if cache_size < 1:
-            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-        self.dir = Path(expert_dir)
-        self.files = sorted(self.dir.glob("expert_*.pt")) if self.dir.is_dir() else []
-        if not self.files:
-            state = "is empty" if self.dir.is_dir() else "does not exist"
-            raise ExpertFileError(
-                f"no expert trajectories: {self.dir} {state}; run train_experts.yaml of the bundle first "
-                f"({_RUN_HINT}) with the same dataset, image size and matching network, or point expert_dir at the "
-                "folder it wrote"
-            )
-        first = read_expert(self.files[0], mmap=True)
-        self.meta = {k: v for k, v in first.items() if k != "trajectory"}
-        epochs = [int(first["epochs"])]
-        for path in self.files[1:]:
-            record = read_expert(path, mmap=True)
-            for key in _SAME_IN_FOLDER:
-                if record.get(key) != self.meta.get(key):
-                    raise ExpertFileError(
-                        f"{path} differs from {self.files[0].name} in '{key}' ({record.get(key)!r} vs "
-                        f"{self.meta.get(key)!r}); keep the experts of one dataset and network per folder"
-                    )
-            epochs.append(int(record["epochs"]))
-        self.epochs = min(epochs)
-        self.cache_size = int(cache_size)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(math.prod(shape) for shape in self.meta["param_shapes"])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.dir)!r}, experts={len(self)}, epochs={self.epochs})"
-
-    def trajectory(self, index: int) -> torch.Tensor:
-        """Expert ``index``'s parameters per epoch, ``(its epochs + 1, num_parameters)`` float32 on the CPU.
-
-        Raises:
-            IndexError: for an index outside ``0..len(self) - 1``.
-            ExpertFileError: when the file changed into an unusable one since opening.
-        """
-        if not 0 <= index < len(self.files):
-            raise IndexError(f"expert index {index} out of range for {len(self.files)} experts in {self.dir}")
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        trajectory = read_expert(self.files[index])["trajectory"]
-        if trajectory.shape[1] != self.num_parameters:
-            raise ExpertFileError(f"{self.files[index]} changed since the folder was opened; reopen it")
-        self._cache[index] = trajectory
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return trajectory

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from monai_pld import distributed
-from monai_pld.data import ImageSet
+from monai_pld.data import ImageSet, load_dataset
 from monai_pld.handlers.progress import ProgressLogger
 from monai_pld.networks.generators import (
     AutoencoderKLGenerator,
@@ -291,8 +291,6 @@ def pretrain_generator(
     Returns:
         the trained generator, frozen.
     """
-    from monai_pld.data import load_dataset
-
     dev = resolve_device(device)
     data_options = dict(data_options or {})
     train = load_dataset(

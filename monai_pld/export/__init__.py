@@ -1,4 +1,5 @@
-"""Sharing a distilled set: a verified package (write, verify, load) and the privacy audit that gates it."""
+"""Deprecated alias of :mod:`monai_pld.sharing` (and :mod:`monai_pld.formats` for reading), kept for one release;
+import from there (``check_export_config`` from :mod:`monai_pld.workflows`)."""
 
 from .package import (
     PACKAGE_FORMAT,

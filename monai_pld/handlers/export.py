@@ -1,123 +1,22 @@
-"""Write the distilled set when distillation completes: ``images.npz``, ``distribution.pt`` and ``manifest.json``.
-
-Each file is written atomically and the manifest last, with the SHA-256 of the others: a folder with a manifest is
-complete, and a crash during export never leaves a half-written set that looks finished.
+"""Write the distilled set when distillation completes: ``images.npz``, ``distribution.pt`` and ``manifest.json``
+(the format of :mod:`monai_pld.formats.distilled`), and log it into the run's MLflow run.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
-from monai_pld.utils import (
-    atomic_save_json,
-    atomic_save_torch,
-    atomic_savez,
-    flatten_params,
-    library_versions,
-    sha256_file,
-)
+from monai_pld.formats.distilled import export_distilled_set
+from monai_pld.formats.distribution import DISTILLED_FORMAT
+from monai_pld.utils import flatten_params
 
 __all__ = ["DistilledSetExporter", "export_distilled_set", "DISTILLED_FORMAT"]
-
-DISTILLED_FORMAT = 1
-
-
-def _generator_record(generator: Any) -> dict[str, Any]:
-    # the class of the checkpoint (generator.pt); a decoder split at a feature map is that checkpoint read at
-    # ``latent_layer``, and ``latent_shape`` is the shape of the distilled latents
-    base = getattr(generator, "base", generator)
-    record: dict[str, Any] = {"class": type(base).__name__, "latent_shape": list(generator.latent_shape)}
-    for attr in ("checkpoint_path", "checkpoint_sha256"):
-        if getattr(generator, attr, None) is not None:
-            record[attr.replace("checkpoint_", "")] = getattr(generator, attr)
-    if getattr(generator, "config", None) is not None:
-        record["config"] = generator.config
-    record["latent_layer"] = int(getattr(generator, "layer", 0))
-    return record
-
-
-def export_distilled_set(
-    output_dir: str | os.PathLike,
-    parameterization: Any,
-    generator: Any,
-    class_names: Sequence[str],
-    mode: str = "mean",
-    seed: int = 0,
-    config: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    matcher: Any = None,
-) -> dict[str, Any]:
-    """Render and write the distilled set into ``output_dir``; returns the manifest.
-
-    A fixed real-image baseline (``RealImageSet``: ``random``/``full``) gets the same ``images.npz`` and manifest
-    but no ``distribution.pt``, since there is no distribution to sample from.
-
-    Args:
-        output_dir: target folder (``<run>/distilled``).
-        parameterization: the trained ``SLFDistribution``/``LatentCodes``, or a ``RealImageSet``.
-        generator: the frozen generator used in training.
-        class_names: names of the classes, index = label.
-        mode: ``mean`` (default: the strict IPC budget from the means) or ``sample`` (one fixed-seed sample).
-        seed: seed of the ``sample`` mode.
-        config: the run's configuration values, recorded verbatim.
-        extra: more manifest entries (timings, iterations done...).
-        matcher: the matcher used; its ``hyper_parameters()`` are recorded under ``matcher``.
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    images, labels = parameterization.render(generator, mode=mode, seed=seed)
-    images_u8 = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    labels_np = labels.detach().cpu().numpy().astype(np.int64)
-    atomic_savez(out / "images.npz", images=images_u8, labels=labels_np, class_names=np.asarray(class_names, dtype=str))
-    hyper = dict(getattr(parameterization, "hyper_parameters", {}) or {})
-    ipc = None if parameterization.ipc is None else int(parameterization.ipc)
-    names = ["images.npz"]
-    if not getattr(parameterization, "fixed", False):
-        state = {k: v.detach().cpu() for k, v in parameterization.state_dict().items()}
-        atomic_save_torch(
-            {
-                "format": DISTILLED_FORMAT,
-                "parameterization": type(parameterization).__name__,
-                "hyper_parameters": hyper,
-                "state_dict": state,
-                "num_classes": len(class_names),
-                "ipc": ipc,
-                "latent_shape": list(generator.latent_shape),
-            },
-            out / "distribution.pt",
-        )
-        names.append("distribution.pt")
-    elif (out / "distribution.pt").exists():  # left over from an earlier run into the same folder
-        (out / "distribution.pt").unlink()
-    files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size} for name in names}
-    manifest = {
-        "format": DISTILLED_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "class_names": list(class_names),
-        "num_classes": len(class_names),
-        "ipc": ipc,
-        "images_per_class": torch.bincount(labels.cpu(), minlength=len(class_names)).tolist(),
-        "parameterization": hyper,
-        "matcher": dict(matcher.hyper_parameters()) if matcher is not None else None,
-        "images": {"shape": list(images_u8.shape), "layout": "NHWC", "dtype": "uint8", "render_mode": mode},
-        "generator": _generator_record(generator),
-        "files": files,
-        "versions": library_versions(),
-        "config": dict(config or {}),
-        **dict(extra or {}),
-    }
-    atomic_save_json(manifest, out / "manifest.json")
-    return manifest
 
 
 class DistilledSetExporter:

@@ -8,7 +8,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from monai_pld.data import ImageSet
+from monai_pld.data import ImageSet, ImageSource
+from monai_pld.evaluation import train_and_test
 
 __all__ = ["PeriodicEvaluation"]
 
@@ -58,8 +59,6 @@ class PeriodicEvaluation:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from monai_pld.engines.evaluation import ImageSource, train_and_test
-
         iteration = engine.state.iteration
         if getattr(self.parameterization, "fixed", False):  # a real-image baseline does not change
             return

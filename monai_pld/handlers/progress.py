@@ -8,16 +8,9 @@ from collections.abc import Mapping
 
 from ignite.engine import Engine, Events
 
+from monai_pld.utils import format_duration
+
 __all__ = ["ProgressLogger", "format_duration"]
-
-
-def format_duration(seconds: float) -> str:
-    """``3725.2`` -> ``'1h02m05s'``; short durations keep one decimal (``'4.2s'``)."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
 class ProgressLogger:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from monai_pld.augment import DiffSiameseAugment
+from monai_pld.formats.experts import ExpertBuffer
 from monai_pld.matching.base import Matcher
 from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import derive_seed
@@ -123,8 +124,6 @@ class TrajectoryMatcher(Matcher):
         dsa_strategy: str | None = "color_crop_cutout_flip_scale_rotate",
         max_memory_gb: float | None = None,
     ) -> None:
-        from monai_pld.engines.experts import ExpertBuffer
-
         if expert_dir is None:
             raise ValueError("the MTT matcher needs 'expert_dir', the folder written by train_experts.yaml")
         if syn_steps < 1 or expert_epochs < 1 or max_start_epoch < 0 or (batch_syn is not None and batch_syn < 1):
