@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -156,17 +157,25 @@ def run(job, args: dict, ranks: int, threads: int, folder: Path) -> dict:
     """``job`` in ``ranks`` fresh processes of ``threads`` threads each (one process is spawned too, so that both
     start alike); the result rank 0 wrote."""
     out = folder / f"result_{time.monotonic_ns()}.json"
-    mp.start_processes(
+    context = mp.start_processes(
         _rank_main,
         args=(ranks, _free_port(), threads, job, args, str(out)),
         nprocs=ranks,
-        join=True,
+        join=False,
         start_method="spawn",
     )
+    try:
+        while not context.join():
+            pass
+    finally:  # stopped (Ctrl-C, SIGTERM) or failed: no rank outlives the benchmark
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
     return json.loads(out.read_text())
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark stops its ranks too (see run)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["dm", "evaluation"], choices=["dm", "evaluation"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[28, 32], choices=sorted(SHAPES))

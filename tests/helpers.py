@@ -245,11 +245,14 @@ def run_ranks(world, fn, *args, timeout=300):
     import time
 
     deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
+    finally:  # a failure, a timeout or an interrupted test run leaves no rank behind
+        for p in context.processes:
+            if p.is_alive():
                 p.kill()
-            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
 
 
 def distil_tiny(

@@ -124,6 +124,28 @@ def test_interrupt_writes_a_final_checkpoint(tiny, tmp_path):
     assert torch.allclose(resumed.parameterization.mean(), whole.parameterization.mean(), atol=1e-6)
 
 
+def test_an_error_inside_a_step_leaves_the_checkpoint_of_the_last_whole_step(tiny, tmp_path):
+    """Ctrl-C or a failure (e.g. a lost peer under torchrun) in the middle of iteration 3, before its optimiser
+    step: the final checkpoint is that of iteration 2, and a resumed run equals an uninterrupted one."""
+    trainer = _trainer(tiny[1], iterations=5, checkpoint_dir=tmp_path, checkpoint_interval=100)
+    step = trainer._matching_step
+
+    def failing(batchdata):
+        if trainer.state.iteration == 3:
+            raise KeyboardInterrupt
+        return step(batchdata)
+
+    trainer._matching_step = failing
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert [p.name for p in tmp_path.glob("*final*.pt")] == ["checkpoint_final_iteration=2.pt"]
+    resumed = _trainer(tiny[1], iterations=5, checkpoint_dir=tmp_path, resume=True)
+    resumed.run()
+    whole = _trainer(tiny[1], iterations=5)
+    whole.run()
+    assert torch.allclose(resumed.parameterization.mean(), whole.parameterization.mean(), atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tiny, tmp_path_factory):
     folder, _ = tiny

@@ -391,3 +391,33 @@ def test_builder_seeds_the_network_whatever_the_global_rng_holds():
         built.append({k: v for k, v in param.state_dict().items() if k not in ("codes", "labels")})  # the network
     assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])  # another global state, the same network
     assert not all(torch.equal(built[0][k], built[2][k]) for k in built[0])  # another seed, another network
+
+
+@pytest.mark.parametrize(
+    "kwargs,antithetic",
+    [
+        ({"rank": 3}, False),  # low rank + learned diagonal, rsample's draw
+        ({"rank": 3}, True),  # antithetic pairs
+        ({"rank": 0, "diagonal": True}, False),  # diagonal only: rsample still draws a (zero) factor's noise
+        ({"rank": 2, "diagonal": False}, False),  # low rank + the fixed floor
+        ({"rank": 0, "diagonal": False}, False),  # deterministic: the means
+    ],
+)
+def test_a_subset_of_slots_draws_its_part_of_the_whole_draw(kwargs, antithetic):
+    """What a rank samples for its slots under torchrun is its rows of what one process samples for all of them."""
+    codes, labels = slots(num_classes=3, ipc=3, dtype=torch.float64)
+    model = SLFDistribution(codes, labels, num_classes=3, hidden_channels=8, **kwargs)
+    randomise_heads(model)
+    own = torch.tensor([1, 4, 7])
+    torch.manual_seed(5)
+    whole, whole_labels = model.sample(4, antithetic=antithetic)
+    torch.manual_seed(5)
+    part, part_labels = model.sample(4, antithetic=antithetic, slots=own)
+    rows = (torch.arange(4)[:, None] * 9 + own).flatten()  # sample-major: sample k of slot s is row k * 9 + s
+    torch.testing.assert_close(part, whole[rows], rtol=0, atol=1e-12)
+    assert torch.equal(part_labels, whole_labels[rows])
+    torch.testing.assert_close(model.mean(own), model.mean()[own], rtol=0, atol=1e-12)
+    codes_only = LatentCodes(codes, labels, num_classes=3)
+    assert torch.equal(
+        codes_only.sample(2, slots=own)[0], codes_only.sample(2)[0][(torch.arange(2)[:, None] * 9 + own).flatten()]
+    )

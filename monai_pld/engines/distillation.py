@@ -9,8 +9,8 @@ from a seed derived from ``(seed, iteration)`` inside ``torch.random.fork_rng``;
 position-seeded sampler. A run resumed from a checkpoint therefore continues exactly as an uninterrupted run would.
 
 Under ``torchrun`` (several ranks) every rank holds the whole parameterisation and draws the same latents,
-networks and augmentations; the work is split as the matcher's ``class_split`` allows (DM: every rank decodes,
-augments and embeds every N-th synthetic and real image, and the per-class sums are summed over the ranks; DC:
+networks and augmentations; the work is split as the matcher's ``class_split`` allows (DM: every rank samples,
+decodes, augments and embeds every N-th slot and real image, and the per-class sums are summed over the ranks; DC:
 the classes' terms), each rank back-propagates its part, and one all-reduce sums the gradients (and the loss
 terms, for logging) before every rank takes the same optimiser step. The result is the single-process one up
 to the order of floating-point sums. Only rank 0 runs the handlers (progress, grids, validation, export,
@@ -125,17 +125,21 @@ class DistillationTrainer(Trainer):
         self.class_split = getattr(matcher, "class_split", None) if self.world_size > 1 and not self.fixed else None
         self.own_classes: torch.Tensor | None = None  # the classes whose terms this rank computes ("terms")
         self._real_share = slice(None)  # the part of each real batch this rank embeds, if the loader cannot give it
+        self.own_slots: torch.Tensor | None = None  # the slots this rank samples, decodes and embeds ("samples")
         if self.world_size > 1 and not self.fixed:
             # every rank starts from rank 0's values, so the identical steps that follow keep them identical
             distributed.broadcast_parameters([*self.parameterization.parameters(), *self.parameterization.buffers()])
-            share = f"every {self.world_size}th image from the {self.rank}th"
+            share = f"slots and real images {self.rank}, {self.rank + self.world_size}, ..."
             if self.class_split == "terms":
                 self.own_classes = torch.tensor(distributed.shard(range(int(matcher.num_classes))), dtype=torch.long)
                 share = f"classes {self.own_classes.tolist()}"
-            elif self.class_split == "samples" and callable(getattr(train_data_loader, "take_share", None)):
-                train_data_loader.take_share(self.rank, self.world_size)
             elif self.class_split == "samples":
-                self._real_share = slice(self.rank, None, self.world_size)
+                slots = torch.arange(self.parameterization.num_slots)[self.rank :: self.world_size]
+                self.own_slots = slots.to(self.parameterization.codes.device)
+                if callable(getattr(train_data_loader, "take_share", None)):
+                    train_data_loader.take_share(self.rank, self.world_size)
+                else:
+                    self._real_share = slice(self.rank, None, self.world_size)
             else:
                 share = "the whole loss (this matcher is not split)"
             logging.getLogger(__name__).info(f"{distributed.rank_note()}{share}")
@@ -192,66 +196,89 @@ class DistillationTrainer(Trainer):
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         if engine.fixed:
             return [{}]
-        device = engine.state.device
-        real_images = batchdata["image"].to(device, non_blocking=True)
-        real_labels = batchdata["label"].to(device, non_blocking=True)
-        step = engine.state.iteration
-        cuda_devices = [device] if torch.device(device).type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(derive_seed(engine.seed, step))
-            try:
-                latents, syn_labels = engine.parameterization.sample(
-                    engine.samples_per_slot, antithetic=engine.antithetic
-                )
-            except torch.linalg.LinAlgError as e:  # the covariance of a slot stopped being positive definite
-                raise FloatingPointError(
-                    f"the latent distribution became degenerate at iteration {step} ({str(e).splitlines()[0]}); "
-                    "lower 'lr_codes'/'lr_network' or resume from the last checkpoint with a smaller learning rate"
-                ) from e
-            if engine.include_mean:
-                latents = torch.cat([engine.parameterization.mean(), latents])
-                syn_labels = torch.cat([engine.parameterization.labels, syn_labels])
-            if engine.class_split == "samples":  # a share of the step's images: decode, augment and embed those
-                share = slice(engine.rank, None, engine.world_size)
-                latents, syn_labels = latents[share], syn_labels[share]
-                real_images, real_labels = real_images[engine._real_share], real_labels[engine._real_share]
-            syn_images = engine.decode(latents)
-            if engine.class_split == "terms":
-                match_loss = engine.matcher.loss(
-                    syn_images, syn_labels, real_images, real_labels, step, classes=engine.own_classes.tolist()
-                )
-            elif engine.class_split == "samples":
-                match_loss = engine.matcher.loss(
-                    syn_images, syn_labels, real_images, real_labels, step, across_ranks=True
-                )
-            else:
-                match_loss = engine.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
-            loss = match_loss
-            kl = torch.zeros((), device=device)
-            if engine.kl_weight > 0 and (engine.class_split is None or engine.rank == 0):  # counted once
-                kl = engine.parameterization.kl_to_prior()
-                loss = match_loss + engine.kl_weight * kl
-            engine.optimizer.zero_grad(set_to_none=True)
-            if engine.class_split is None:
-                values = [loss.item(), match_loss.item(), kl.item()]
-                if not torch.isfinite(loss):
-                    engine._non_finite(values[0], step)
-                loss.backward()
-            else:  # sum the ranks' gradients and loss terms; every rank then takes the same step
-                loss.backward()
-                params = [p for group in engine.optimizer.param_groups for p in group["params"]]
-                # "samples": every rank holds the match loss of the whole step; "terms": that of its classes
-                match_share = match_loss.item() / (engine.world_size if engine.class_split == "samples" else 1)
-                match_value, kl_value = distributed.all_reduce_gradients(params, [match_share, kl.item()])
-                values = [match_value + engine.kl_weight * kl_value, match_value, kl_value]
-                if not math.isfinite(values[0]):
-                    engine._non_finite(values[0], step)
-            engine.optimizer.step()
+        try:
+            values = engine._matching_step(batchdata)
+        except BaseException:
+            # The step was not taken: count this iteration and its real batch as not done, so that the checkpoint
+            # written on this exception (and a run resumed from it) continues exactly where the last whole step
+            # ended. A matcher that changes its own state inside its loss (DC's inner model) is resumed from the
+            # state it reached, not rolled back.
+            engine.state.iteration -= 1
+            if isinstance(getattr(engine.data_loader, "position", None), int):
+                engine.data_loader.position -= 1
+            raise
         # A one-element list of dicts is MONAI's decollated output form, so stock handlers and the bundle's
         # `--tracking mlflow` (which reads `from_engine(["loss"], first=True)`) work unchanged.
         metrics = getattr(engine.matcher, "metrics", None)
         extra = metrics() if callable(metrics) else {}
         return [{"loss": values[0], "match_loss": values[1], "kl": values[2], **extra}]
+
+    def _matching_step(self, batchdata: dict[str, torch.Tensor]) -> list[float]:
+        """One matching step up to and including the optimiser's; returns the loss, match loss and KL values."""
+        device = self.state.device
+        real_images = batchdata["image"].to(device, non_blocking=True)
+        real_labels = batchdata["label"].to(device, non_blocking=True)
+        step = self.state.iteration
+        cuda_devices = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(derive_seed(self.seed, step))
+            # "samples" split: this rank's slots only (their part of the draw for every slot), and its real images
+            own = self.own_slots
+            try:
+                if own is None:
+                    latents, syn_labels = self.parameterization.sample(
+                        self.samples_per_slot, antithetic=self.antithetic
+                    )
+                else:
+                    latents, syn_labels = self.parameterization.sample(
+                        self.samples_per_slot, antithetic=self.antithetic, slots=own
+                    )
+            except torch.linalg.LinAlgError as e:  # the covariance of a slot stopped being positive definite
+                raise FloatingPointError(
+                    f"the latent distribution became degenerate at iteration {step} ({str(e).splitlines()[0]}); "
+                    "lower 'lr_codes'/'lr_network' or resume from the last checkpoint with a smaller learning rate"
+                ) from e
+            if self.include_mean and own is None:
+                latents = torch.cat([self.parameterization.mean(), latents])
+                syn_labels = torch.cat([self.parameterization.labels, syn_labels])
+            elif self.include_mean:
+                latents = torch.cat([self.parameterization.mean(own), latents])
+                syn_labels = torch.cat([self.parameterization.labels[own], syn_labels])
+            if own is not None:
+                real_images, real_labels = real_images[self._real_share], real_labels[self._real_share]
+            syn_images = self.decode(latents)
+            if self.class_split == "terms":
+                match_loss = self.matcher.loss(
+                    syn_images, syn_labels, real_images, real_labels, step, classes=self.own_classes.tolist()
+                )
+            elif self.class_split == "samples":
+                match_loss = self.matcher.loss(
+                    syn_images, syn_labels, real_images, real_labels, step, across_ranks=True
+                )
+            else:
+                match_loss = self.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
+            loss = match_loss
+            kl = torch.zeros((), device=device)
+            if self.kl_weight > 0 and (self.class_split is None or self.rank == 0):  # counted once
+                kl = self.parameterization.kl_to_prior()
+                loss = match_loss + self.kl_weight * kl
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.class_split is None:
+                values = [loss.item(), match_loss.item(), kl.item()]
+                if not torch.isfinite(loss):
+                    self._non_finite(values[0], step)
+                loss.backward()
+            else:  # sum the ranks' gradients and loss terms; every rank then takes the same step
+                loss.backward()
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                # "samples": every rank holds the match loss of the whole step; "terms": that of its classes
+                match_share = match_loss.item() / (self.world_size if self.class_split == "samples" else 1)
+                match_value, kl_value = distributed.all_reduce_gradients(params, [match_share, kl.item()])
+                values = [match_value + self.kl_weight * kl_value, match_value, kl_value]
+                if not math.isfinite(values[0]):
+                    self._non_finite(values[0], step)
+            self.optimizer.step()
+        return values
 
     @staticmethod
     def _non_finite(value: float, step: int) -> None:

@@ -16,11 +16,11 @@ class Matcher(nn.Module, ABC):
     """Base of every matcher. Owns its networks; compares synthetic with real images.
 
     Under several ranks the distillation engine splits the work among them as ``class_split`` says:
-    ``"samples"`` (every rank decodes, augments and embeds every N-th synthetic and real image, and ``loss`` takes
-    ``across_ranks=True`` and combines the ranks' per-class sums, as in DM), ``"terms"`` (a sum of per-class
-    terms that need the whole synthetic set, as in DC whose inner network trains on every image: the classes are
-    split and ``loss`` takes ``classes``) or ``None`` (no split: every rank computes the whole loss, as in MTT,
-    whose student trains on all classes at once).
+    ``"samples"`` (every rank decodes, augments and embeds the images of every N-th slot and every N-th real
+    image, and ``loss`` takes ``across_ranks=True`` and combines the ranks' per-class sums, as in DM), ``"terms"``
+    (a sum of per-class terms that need the whole synthetic set, as in DC whose inner network trains on every
+    image: the classes are split and ``loss`` takes ``classes``) or ``None`` (no split: every rank computes the
+    whole loss, as in MTT, whose student trains on all classes at once).
 
     Inputs are images in ``[0, 1]``; :meth:`normalize` maps them with per-channel mean and std, so that zero (the
     fill value of augmentations) means the average colour, as in the reference code.

@@ -109,21 +109,26 @@ class LatentParameterization(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, ipc={self.ipc}, latent_shape={self.latent_shape}"
 
-    def mean(self) -> Tensor:  # pragma: no cover - interface
-        """Most likely latent per slot, ``(num_slots, C, h, w)``, differentiable."""
+    def mean(self, slots: Tensor | None = None) -> Tensor:  # pragma: no cover - interface
+        """Most likely latent per slot, ``(num_slots, C, h, w)``, differentiable; ``slots``: only those slots."""
         raise NotImplementedError
 
-    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:  # pragma: no cover - interface
-        """Reparameterised latents ``(n_per_slot, num_slots, C, h, w)``; the arguments are already validated."""
+    def _draw(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:  # pragma: no cover
+        """Reparameterised latents ``(n_per_slot, num_slots, C, h, w)``; the arguments are already validated.
+        ``slots``: those slots' part of the draw for every slot (the same noise, the others' left unused)."""
         raise NotImplementedError
 
-    def sample(self, n_per_slot: int = 1, antithetic: bool = False) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, n_per_slot: int = 1, antithetic: bool = False, slots: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Draw latents for every slot, differentiably (reparameterisation), from the global RNG.
 
         Args:
             n_per_slot: samples per slot.
             antithetic: draw ``n_per_slot / 2`` noise vectors and use each with both signs: sample ``k`` and sample
                 ``k + n_per_slot / 2`` of a slot are mirror images around its mean (variance reduction).
+            slots: slot indices: only these slots' latents, equal (up to rounding) to their part of the draw for
+                every slot from the same RNG state (a rank's share under ``torchrun``); ``None``: every slot.
 
         Returns:
             ``latents`` of shape ``(n_per_slot * num_slots, C, h, w)`` and ``labels`` of shape
@@ -139,8 +144,12 @@ class LatentParameterization(nn.Module):
                 f"antithetic sampling uses +eps/-eps pairs, so 'n_per_slot' must be even, got {n_per_slot}; "
                 "use an even number of samples per slot or antithetic=False"
             )
-        latents = self._draw(n_per_slot, antithetic)
-        return latents.reshape(n_per_slot * self.num_slots, *self.latent_shape), self.labels.repeat(n_per_slot)
+        if slots is None:
+            latents = self._draw(n_per_slot, antithetic)
+            return latents.reshape(n_per_slot * self.num_slots, *self.latent_shape), self.labels.repeat(n_per_slot)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.codes.device)
+        latents = self._draw(n_per_slot, antithetic, slots)
+        return latents.reshape(n_per_slot * len(slots), *self.latent_shape), self.labels[slots].repeat(n_per_slot)
 
     def kl_to_prior(self) -> Tensor:
         """Regulariser of the slots towards a class prior; 0 for parameterisations without one."""
@@ -217,12 +226,13 @@ class LatentCodes(LatentParameterization):
         latents, syn_labels = codes.sample()
     """
 
-    def mean(self) -> Tensor:
-        """The codes, ``(num_slots, C, h, w)`` (the parameter itself)."""
-        return self.codes
+    def mean(self, slots: Tensor | None = None) -> Tensor:
+        """The codes, ``(num_slots, C, h, w)`` (the parameter itself); ``slots``: only those slots'."""
+        return self.codes if slots is None else self.codes[slots]
 
-    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:
-        return self.codes.expand(n_per_slot, *self.codes.shape)
+    def _draw(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:
+        codes = self.mean(slots)
+        return codes.expand(n_per_slot, *codes.shape)
 
 
 class SLFDistribution(LatentParameterization):
@@ -370,17 +380,24 @@ class SLFDistribution(LatentParameterization):
             f"log_var_range=({self.log_var_min}, {self.log_var_max}), class_prior={self.prior_mean is not None}"
         )
 
-    def _features(self) -> Tensor:
-        hidden = self.activation(self.body_in(self.codes))
-        hidden = hidden + self.class_embedding(self.labels)[:, :, None, None]
+    def _slots(self, slots: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (self.codes, self.labels) if slots is None else (self.codes[slots], self.labels[slots])
+
+    def _features(self, slots: Tensor | None = None) -> Tensor:
+        codes, labels = self._slots(slots)
+        hidden = self.activation(self.body_in(codes))
+        hidden = hidden + self.class_embedding(labels)[:, :, None, None]
         return self.activation(self.body_out(hidden))
 
-    def mean(self) -> Tensor:
-        """``mu`` per slot, ``(num_slots, C, h, w)``, differentiable."""
-        return self.codes + self.head_mu(self._features())
+    def mean(self, slots: Tensor | None = None) -> Tensor:
+        """``mu`` per slot, ``(num_slots, C, h, w)``, differentiable; ``slots``: only those slots'."""
+        return self._slots(slots)[0] + self.head_mu(self._features(slots))
 
-    def parameters_of_distribution(self) -> tuple[Tensor, Tensor, Tensor]:
+    def parameters_of_distribution(self, slots: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The Gaussian of every slot over its flattened latent, D = C*h*w.
+
+        Args:
+            slots: slot indices: only those slots' (the network is per slot, so they equal their rows of the whole).
 
         Returns:
             ``mu`` ``(num_slots, D)``, ``cov_factor`` ``(num_slots, D, r)`` and ``cov_diag`` ``(num_slots, D)``, all
@@ -388,9 +405,10 @@ class SLFDistribution(LatentParameterization):
             empty (``r=0``) with a zero diagonal in the deterministic case, so that ``P P^T + diag(d)`` is always the
             covariance.
         """
-        hidden = self._features()
-        num_slots = self.num_slots
-        mu = (self.codes + self.head_mu(hidden)).flatten(1)
+        hidden = self._features(slots)
+        codes = self._slots(slots)[0]
+        num_slots = len(codes)
+        mu = (codes + self.head_mu(hidden)).flatten(1)
         if self._deterministic:
             return mu, mu.new_zeros(num_slots, mu.shape[1], 0), torch.zeros_like(mu)
         if self.head_logd is not None:
@@ -418,23 +436,31 @@ class SLFDistribution(LatentParameterization):
         # cov_diag > 0 holds by construction; validation would only add a pass over every tensor
         return LowRankMultivariateNormal(mu, cov_factor, cov_diag, validate_args=False)
 
-    def _draw(self, n_per_slot: int, antithetic: bool) -> Tensor:
+    def _draw(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:
         if self._deterministic:
-            mu = self.mean().flatten(1)
-            return mu.expand(n_per_slot, *mu.shape).reshape(n_per_slot, self.num_slots, *self.latent_shape)
-        if not antithetic:
+            mu = self.mean(slots).flatten(1)
+            return mu.expand(n_per_slot, *mu.shape).reshape(n_per_slot, len(mu), *self.latent_shape)
+        if not antithetic and slots is None:
             return self.distribution().rsample((n_per_slot,)).view(n_per_slot, self.num_slots, *self.latent_shape)
-        # Antithetic pairs need the noise itself, which rsample does not expose: the same reparameterisation
-        # (mu + P eps_r + sqrt(d) eps_D, drawn in rsample's order) written out, with each draw used with both signs.
-        mu, cov_factor, cov_diag = self.parameters_of_distribution()
-        draws = n_per_slot // 2
+        # Antithetic pairs need the noise itself, which rsample does not expose, and a subset of the slots must take
+        # its part of the noise drawn for every slot: the same reparameterisation (mu + P eps_r + sqrt(d) eps_D,
+        # drawn in rsample's order and shapes, for every slot) written out.
+        mu, cov_factor, cov_diag = self.parameters_of_distribution(slots)
+        draws = n_per_slot // 2 if antithetic else n_per_slot
         factory = {"device": mu.device, "dtype": mu.dtype}
-        noise = mu.new_zeros(())
-        if self.head_P is not None:
-            eps_factor = torch.randn(draws, self.num_slots, self.rank, **factory)
-            noise = torch.einsum("bdr,nbr->nbd", cov_factor, eps_factor)
-        noise = noise + cov_diag.sqrt() * torch.randn(draws, *mu.shape, **factory)
-        return (mu + torch.cat([noise, -noise])).view(n_per_slot, self.num_slots, *self.latent_shape)
+        rank = cov_factor.shape[-1] if slots is not None else self.rank
+        eps_factor = eps = None
+        if self.head_P is not None or (slots is not None and not antithetic):  # rsample draws a factor's noise always
+            eps_factor = torch.empty(draws, self.num_slots, rank, **factory).normal_()
+        eps = torch.empty(draws, self.num_slots, mu.shape[1], **factory).normal_()
+        if slots is not None:
+            eps = eps[:, slots]
+            eps_factor = eps_factor[:, slots] if eps_factor is not None else None
+        noise = cov_diag.sqrt() * eps
+        if eps_factor is not None:
+            noise = torch.einsum("bdr,nbr->nbd", cov_factor, eps_factor) + noise
+        noise = torch.cat([noise, -noise]) if antithetic else noise
+        return (mu + noise).view(n_per_slot, len(mu), *self.latent_shape)
 
     @property
     def stochastic(self) -> bool:
