@@ -168,3 +168,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_save_json({"a": object()}, path)
     assert path.read_text().strip().startswith("{") and '"a": 1' in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
+
+
+def test_mtt_without_experts_stops_before_any_work_with_the_command(tmp_path):
+    with pytest.raises(ConfigError, match="train_experts.yaml") as raised:
+        check_distillation_config(**{**GOOD, "matcher": "mtt"}, expert_dir=tmp_path / "experts")
+    assert str(tmp_path / "experts") in str(raised.value)
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "expert_000.pt").write_bytes(b"")  # its contents are checked when the matcher reads it
+    assert check_distillation_config(**{**GOOD, "matcher": "mtt"}, expert_dir=tmp_path / "experts")["resume"] is False
+    assert check_distillation_config(**GOOD, expert_dir=tmp_path / "none")["resume"] is False  # only MTT needs them

@@ -59,7 +59,8 @@ _SAME_IN_FOLDER = (
     "param_names",
     "param_shapes",
 )
-_RUN_HINT = "python -m monai.bundle run --config_file bundles/<set>/train_experts.yaml"
+# the command that writes expert trajectories, named wherever they are missing
+TRAIN_EXPERTS_COMMAND = "python -m monai.bundle run --config_file bundles/<set>/train_experts.yaml"
 
 
 class ExpertFileError(ValueError):
@@ -125,7 +126,7 @@ def read_expert(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     except Exception as e:  # truncated zip, foreign pickle, ...: all mean "not a usable expert file"
         raise ExpertFileError(
             f"{path} cannot be read as an expert trajectory ({type(e).__name__}: {e}); delete it and run "
-            f"train_experts.yaml again to retrain it ({_RUN_HINT})"
+            f"train_experts.yaml again to retrain it ({TRAIN_EXPERTS_COMMAND})"
         ) from e
     if not isinstance(record, dict) or record.get("format") != EXPERT_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
@@ -210,8 +211,8 @@ class ExpertBuffer:
             state = "is empty" if self.dir.is_dir() else "does not exist"
             raise ExpertFileError(
                 f"no expert trajectories: {self.dir} {state}; run train_experts.yaml of the bundle first "
-                f"({_RUN_HINT}) with the same dataset, image size and matching network, or point expert_dir at the "
-                "folder it wrote"
+                f"({TRAIN_EXPERTS_COMMAND}) with the same dataset, image size and matching network, or point "
+                "expert_dir at the folder it wrote"
             )
         first = read_expert(self.files[0], mmap=True)
         self.meta = {k: v for k, v in first.items() if k != "trajectory"}

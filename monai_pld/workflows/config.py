@@ -10,6 +10,7 @@ from monai_pld.data import EVAL_MODES, check_dataset
 from monai_pld.defaults import OPTIMIZERS, default_learning_rates
 from monai_pld.evaluation import PROTOCOLS
 from monai_pld.formats.distilled import read_distilled_folder
+from monai_pld.formats.experts import TRAIN_EXPERTS_COMMAND
 from monai_pld.formats.package import PackageError
 from monai_pld.networks.classifiers import CLASSIFIERS
 from monai_pld.utils import (
@@ -61,6 +62,7 @@ def check_distillation_config(
     optimizer: Any = "adam",
     momentum: Any = 0.5,
     generator: Any = None,
+    expert_dir: Any = None,
 ) -> dict[str, Any]:
     """Check every distillation config value before any work starts.
 
@@ -112,6 +114,14 @@ def check_distillation_config(
     check_int("mtt_max_start_epoch", mtt_max_start_epoch, 0)
     if mtt_batch_syn is not None:
         check_int("mtt_batch_syn", mtt_batch_syn, 1)
+    if matcher == "mtt" and expert_dir is not None and not any(Path(str(expert_dir)).glob("expert_*.pt")):
+        # MTT does not train its experts on first use (they take longer than most distillations, and one set
+        # serves every MTT run of the same data and network): it stops here, before the generator or the data
+        raise ConfigError(
+            f"--matcher mtt needs expert trajectories, and expert_dir {expert_dir} holds none: train them first "
+            f"({TRAIN_EXPERTS_COMMAND}, the same dataset, image size and matching network), or point --expert_dir "
+            "at a folder of experts"
+        )
     check_number("kl_weight", kl_weight, 0.0)
     check_int("latent_layer", latent_layer, 0)
     # latent_layer splits the generator's decoder; pixel and the real-image baselines have no decoder and ignore it
