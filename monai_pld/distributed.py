@@ -32,6 +32,7 @@ __all__ = [
     "is_main",
     "mean_over_ranks",
     "rank",
+    "rank_device",
     "rank_note",
     "shard",
     "shutdown",
@@ -83,11 +84,15 @@ def init_distributed(device: str | torch.device | None = "auto") -> torch.device
         dist.init_process_group("nccl" if cuda else "gloo", timeout=_TIMEOUT)
         idist.sync()
         logger.info(f"rank {dist.get_rank()} of {dist.get_world_size()} joined ({dist.get_backend()})")
-    if cuda:
-        if want.startswith("cuda:"):
-            return torch.device(want)
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0)
-    return torch.device("cpu")
+    return rank_device(torch.device(want if want.startswith("cuda:") else "cuda") if cuda else torch.device("cpu"))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """``device`` as this rank uses it: a CUDA device without an index is the rank's own GPU (``cuda:LOCAL_RANK``)
+    under several ranks, and ``cuda:0`` otherwise; any other device is returned as it is."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0)
 
 
 def shutdown() -> None:

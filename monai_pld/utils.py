@@ -165,8 +165,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ConfigError(f"'device' must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"'device' is {device!r} but CUDA is not available here; use --device cpu (or auto)")
-    if dev.type == "cuda" and dev.index is None and distributed.world_size() > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank under torchrun
+    if dev.type == "cuda" and distributed.world_size() > 1:
+        dev = distributed.rank_device(dev)  # one GPU per rank under torchrun
     return dev
 
 

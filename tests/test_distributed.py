@@ -118,4 +118,6 @@ def test_one_process_is_rank_0_of_1():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
     assert distributed.all_reduce_gradients([p], [1.5]) == [1.5] and torch.equal(p.grad, torch.full((3,), 2.0))
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda", 0)  # one process: the first GPU
+    assert distributed.rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an index is kept
     assert distributed.init_distributed("cpu") == torch.device("cpu")  # no WORLD_SIZE: no group, nothing changes
