@@ -13,7 +13,8 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,16 +43,15 @@ __all__ = [
     "flatten_params",
     "default_artifact_location",
     "mlflow_experiment",
+    "mlflow_run",
     "MATCHERS",
     "PARAMETERIZATIONS",
     "BASELINES",
-    "IMAGE_SIZES",
 ]
 
 MATCHERS = ("dm", "dc", "mtt")
 PARAMETERIZATIONS = ("slfd", "latent", "pixel")  # monai_pld.defaults keys its learning rates by these
 BASELINES = ("random", "full")
-IMAGE_SIZES = (28, 32, 64, 128, 224)
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +300,40 @@ def mlflow_experiment(
             f"they stay there (mlflow_artifacts {artifact_location} applies to new experiments only)"
         )
     return found.experiment_id
+
+
+@contextmanager
+def mlflow_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Iterator[tuple[Any, str]]:
+    """``with mlflow_run(uri, experiment, name, params) as (client, run_id):`` log into one MLflow run.
+
+    The run is created in :func:`mlflow_experiment` (so its artefacts land where that experiment keeps them), gets
+    ``params`` (flattened, each value cut to MLflow's 6,000 characters), and is ended FINISHED, or FAILED when the
+    block raises. With ``run_id`` the block logs into that existing run instead and leaves its status alone.
+    Client calls rather than ``mlflow.start_run``: no process-global active run, so a library call never ends or
+    nests into a run its caller opened.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=str(tracking_uri))
+    created = run_id is None
+    if created:
+        experiment_id = mlflow_experiment(tracking_uri, experiment_name)
+        if experiment_id is None:
+            raise RuntimeError("MLflow runs are written by rank 0 only; call mlflow_run there")
+        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    try:
+        for key, value in flatten_params(params or {}).items():
+            client.log_param(run_id, key, str(value)[:6000])
+        yield client, run_id
+    except BaseException:
+        if created:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    if created:
+        client.set_terminated(run_id)

@@ -89,6 +89,8 @@ def test_every_matcher_is_accepted(matcher):
         ("cifar10", 32, True),
         ("cifar10", 28, False),
         ("imagenette", 128, True),
+        ("imagenette", 96, True),  # the dataset's rules are the one size authority
+        ("imagenette", 4, False),
         ("pathmnist", 32, False),
         ("chestmnist", 28, False),
         ("nonsense", 28, False),
@@ -111,7 +113,8 @@ def test_dataset_and_image_size_are_checked_together(flag, size, ok):
         ("matcher", "xyz"),
         ("parameterization", "voxels"),
         ("rank", -1),
-        ("image_size", 30),
+        ("image_size", 4),
+        ("image_size", 28.0),
         ("seed", -3),
         ("samples_per_slot", 0),
         ("kl_weight", -0.1),

@@ -7,10 +7,11 @@ import logging
 import sys
 
 import mlflow
+import pytest
 from helpers import REPO, checkout_state, new_in_checkout, run_evaluation_bundle
 
 from monai_pld import bundle_errors
-from monai_pld.utils import ConfigError, default_artifact_location, mlflow_experiment
+from monai_pld.utils import ConfigError, default_artifact_location, mlflow_experiment, mlflow_run
 
 
 def test_default_artifact_location_is_beside_the_database(tmp_path, monkeypatch):
@@ -36,6 +37,24 @@ def test_experiment_created_with_its_artefact_folder(tmp_path, monkeypatch, capl
         assert mlflow_experiment(uri, "beside", tmp_path / "other") == default_id
     assert "already exists" in caplog.text and "stay there" in caplog.text
     assert mlflow_experiment(None, "anything") is None and mlflow_experiment("", "anything") is None
+
+
+def test_one_run_helper_ends_runs_finished_or_failed_and_reuses_a_given_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    with mlflow_run(uri, "exp", "ok", {"a": 1, "nested": {"b": 2}, "xs": [1, 2]}) as (_, ok_id):
+        assert client.get_run(ok_id).info.status == "RUNNING"
+    run = client.get_run(ok_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "ok"
+    assert run.data.params == {"a": "1", "nested": "{'b': 2}", "xs": "1,2"}
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())  # the experiment's folder
+    with pytest.raises(KeyError), mlflow_run(uri, "exp", "broken") as (_, failed_id):
+        raise KeyError("boom")
+    assert client.get_run(failed_id).info.status == "FAILED"
+    with mlflow_run(uri, "exp", "ignored", run_id=ok_id) as (c, same_id):  # an existing run: logged into, not ended
+        c.set_tag(same_id, "later", "yes")
+    assert same_id == ok_id and client.get_run(ok_id).data.tags["later"] == "yes"
+    assert len(client.search_runs([client.get_experiment_by_name("exp").experiment_id])) == 2
 
 
 def test_a_bundle_run_from_the_repository_root_leaves_nothing_there(tmp_path, monkeypatch):

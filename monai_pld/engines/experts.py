@@ -39,10 +39,9 @@ from monai_pld.formats.experts import (
 from monai_pld.networks.classifiers import get_classifier
 from monai_pld.utils import (
     derive_seed,
-    flatten_params,
     format_duration,
     library_versions,
-    mlflow_experiment,
+    mlflow_run,
     resolve_device,
 )
 
@@ -323,18 +322,7 @@ def _log_mlflow(
     results: dict[int, dict[str, float]],
 ) -> None:
     """One MLflow run with the settings as params and every expert's results as metrics stepped by its index."""
-    import mlflow
-
-    exp_id = mlflow_experiment(tracking_uri, experiment_name)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
-    try:
-        for key, value in flatten_params(settings).items():
-            client.log_param(run_id, key, value)
+    with mlflow_run(tracking_uri, experiment_name, run_name, settings) as (client, run_id):
         for i, values in sorted(results.items()):
             for key, value in values.items():
                 client.log_metric(run_id, f"expert_{key}", float(value), step=i)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id)

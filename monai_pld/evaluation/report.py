@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from monai_pld.utils import atomic_write, flatten_params, mlflow_experiment
+from monai_pld.utils import atomic_write, mlflow_run
 
 __all__ = ["bar_chart", "log_evaluation", "summary_markdown"]
 
@@ -64,20 +64,12 @@ def bar_chart(summary: dict[str, Any], path: Path, title: str) -> None:
 
 def log_evaluation(uri: str, experiment: str, run_name: str, header: dict, summary: dict, out: Path) -> None:
     """One MLflow run with the header as params, per-backbone metrics and the written files as artefacts."""
-    import mlflow
-
-    exp_id = mlflow_experiment(uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.create_run(exp_id, run_name=run_name)
-    run_id = run.info.run_id
-    for key, value in flatten_params(header).items():
-        client.log_param(run_id, key, str(value)[:6000])
-    for name, values in summary["per_backbone"].items():
-        for key in ("accuracy", "accuracy_std", "auc", "f1", "train_seconds"):
-            if not math.isnan(values[key]):
-                client.log_metric(run_id, f"{name}_{key}", float(values[key]))
-    if summary["cross_architecture_accuracy"] is not None:
-        client.log_metric(run_id, "cross_architecture_accuracy", float(summary["cross_architecture_accuracy"]))
-    for name in ("results.json", "summary.md", "accuracy.png"):
-        client.log_artifact(run_id, str(out / name), artifact_path="evaluation")
-    client.set_terminated(run_id)
+    with mlflow_run(uri, experiment, run_name, header) as (client, run_id):
+        for name, values in summary["per_backbone"].items():
+            for key in ("accuracy", "accuracy_std", "auc", "f1", "train_seconds"):
+                if not math.isnan(values[key]):
+                    client.log_metric(run_id, f"{name}_{key}", float(values[key]))
+        if summary["cross_architecture_accuracy"] is not None:
+            client.log_metric(run_id, "cross_architecture_accuracy", float(summary["cross_architecture_accuracy"]))
+        for name in ("results.json", "summary.md", "accuracy.png"):
+            client.log_artifact(run_id, str(out / name), artifact_path="evaluation")

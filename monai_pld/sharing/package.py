@@ -30,7 +30,7 @@ from monai_pld.formats.images import IMAGES_FILE, ImagesFileError, read_images
 from monai_pld.formats.package import MANIFEST, PACKAGE_FORMAT, RGB24, PackageError, package_sha256, sha256_bytes
 from monai_pld.handlers.image_grid import image_grid
 from monai_pld.networks.generators import PixelGenerator, load_generator
-from monai_pld.utils import atomic_write, library_versions, mlflow_experiment, sha256_file
+from monai_pld.utils import atomic_write, library_versions, mlflow_run, sha256_file
 
 from .card import package_card
 from .privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, shared_model_images, write_audit
@@ -332,24 +332,20 @@ def _write(members: Mapping[str, bytes], output: Path, as_zip: bool) -> None:
 
 
 def _log_mlflow(output: Path, run_manifest: Mapping[str, Any], tracking_uri: str, experiment_name: str) -> None:
+    """The package as artefacts of the distillation run that made it, or of a new run when that one is gone."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    recorded = run_manifest.get("mlflow") or {}
-    run_id = None
-    if recorded.get("run_id"):
+    run_id = (run_manifest.get("mlflow") or {}).get("run_id")
+    if run_id:
         try:
-            run_id = client.get_run(recorded["run_id"]).info.run_id
+            mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
         except Exception:  # another store, or the run was deleted: log into a new run instead
             run_id = None
-    if run_id is None:
-        experiment_id = mlflow_experiment(tracking_uri, experiment_name)
-        run_id = client.create_run(experiment_id, run_name=f"export_{output.stem}").info.run_id
-        client.set_terminated(run_id)
-    if output.is_dir():
-        client.log_artifacts(run_id, str(output), artifact_path=f"package/{output.name}")
-    else:
-        client.log_artifact(run_id, str(output), artifact_path="package")
-    client.set_tag(run_id, "package_sha256", package_sha256(output))
-    client.set_tag(run_id, "package_name", output.name)
+    with mlflow_run(tracking_uri, experiment_name, f"export_{output.stem}", run_id=run_id) as (client, run_id):
+        if output.is_dir():
+            client.log_artifacts(run_id, str(output), artifact_path=f"package/{output.name}")
+        else:
+            client.log_artifact(run_id, str(output), artifact_path="package")
+        client.set_tag(run_id, "package_sha256", package_sha256(output))
+        client.set_tag(run_id, "package_name", output.name)
     logger.info(f"package logged to MLflow run {run_id} ({tracking_uri})")

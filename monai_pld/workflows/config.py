@@ -15,7 +15,6 @@ from monai_pld.formats.package import PackageError
 from monai_pld.networks.classifiers import CLASSIFIERS
 from monai_pld.utils import (
     BASELINES,
-    IMAGE_SIZES,
     MATCHERS,
     PARAMETERIZATIONS,
     ConfigError,
@@ -93,9 +92,10 @@ def check_distillation_config(
             f"'parameterization' must be one of {list(PARAMETERIZATIONS + BASELINES)}, got {parameterization!r}; "
             "e.g. --parameterization slfd"
         )
-    if image_size not in IMAGE_SIZES:
-        raise ConfigError(f"'image_size' must be one of {list(IMAGE_SIZES)}, got {image_size!r}")
-    if dataset_flag is not None:
+    if dataset_flag is None:  # the dataset's own rules (monai_pld.data.check_dataset) are the size authority
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ConfigError(f"'image_size' must be an integer >= 8, got {image_size!r}")
+    else:
         try:
             check_dataset(dataset_flag, image_size, dataset_dir, data_options)
         except ValueError as e:
