@@ -24,6 +24,7 @@ import argparse
 import datetime
 import inspect
 import json
+import logging
 import os
 import platform
 import statistics
@@ -200,6 +201,8 @@ def main() -> None:
         print(report(args.report))
         return
     torch.set_num_threads(args.threads)
+    # the project's progress lines (generator pretraining, distillation) on stderr; the tables go to stdout
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train = load_dataset(args.dataset, "train", args.data_dir, download=False)
     if args.max_train is not None:
         train = subsample(train, args.max_train)

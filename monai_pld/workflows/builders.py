@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -167,6 +168,7 @@ def build_matcher(
     seed: int = 0,
     parameterization: str | None = None,
     ipc: int | None = None,
+    options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module | None:
     """The matcher ``name`` (``dm``, ``dc`` or ``mtt``) for images shaped like ``dataset``, normalising with the
@@ -178,7 +180,8 @@ def build_matcher(
         seed: base seed of the matcher's random draws.
         parameterization: when ``random`` or ``full``, no matcher is built.
         ipc: images per class (DC derives its outer/inner loops from it).
-        kwargs: the matcher's own settings (``matcher_args[name]`` in the bundles).
+        options, kwargs: the matcher's own settings, as one mapping (``matcher_args[name]`` in the bundles) and/or
+            as keywords.
 
     Raises:
         ConfigError: for an unknown name or a setting the matcher does not take.
@@ -191,6 +194,7 @@ def build_matcher(
     common = {"mean": mean, "std": std, "seed": seed}
     shape = (dataset.channels, dataset.num_classes, dataset.image_size)
     classes = {"dm": DistributionMatcher, "dc": GradientMatcher, "mtt": TrajectoryMatcher}
+    kwargs = {**(options or {}), **kwargs}
     if name == "dc":
         kwargs = {"ipc": ipc, **kwargs}
     try:

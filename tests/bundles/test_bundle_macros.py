@@ -2,12 +2,11 @@
 macro whose target is itself a macro reaches the workflow as an unresolved string."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILES = sorted((REPO / "bundles").glob("*/*.yaml")) + sorted((REPO / "bundles").glob("*/presets/*.yaml"))
 
 

@@ -9,12 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from helpers import write_cifar, write_medmnist_npz, write_subset
+from helpers import REPO, write_cifar, write_medmnist_npz, write_subset
 from monai.bundle import ConfigWorkflow
 
 from monai_pld.data import load_medmnist, select_initial_indices
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "pathmnist"
 
 # tiny and fast: 9 classes x 8 training images, a narrow matching network, short matcher loops

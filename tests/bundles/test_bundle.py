@@ -9,21 +9,15 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_CLI as TINY
-from helpers import checkout_state, new_in_checkout, run_bundle, shared_data_dir, write_medmnist_npz
+from helpers import run_bundle, shared_data_dir, write_medmnist_npz
 
 pytestmark = pytest.mark.slow  # every test here runs `python -m monai.bundle` (20 s to 2 min each)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bundle")
-    data = tmp / "data"
-    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 90, "val": 18, "test": 18})
-    out = tmp / "run"
-    before = checkout_state()
-    proc = run_bundle(tmp, data, *TINY, "--output_dir", out, "--run_name", "tiny")
-    proc.new_in_checkout = new_in_checkout(before)  # what the run left in the repository (its working directory)
-    return tmp, data, out, proc
+def finished_run(tiny_run):
+    tiny_run.proc.new_in_checkout = tiny_run.new_in_checkout
+    return tiny_run.tmp, tiny_run.data, tiny_run.out, tiny_run.proc
 
 
 def test_outputs_of_a_run(finished_run):

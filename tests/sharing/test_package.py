@@ -6,15 +6,13 @@ import json
 import pickle
 import shutil
 import zipfile
-from pathlib import Path
 
 import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CLI as TINY
-from helpers import run_bundle, write_medmnist_npz
+from helpers import REPO, run_bundle
 
 from monai_pld.data import ImageSet, load_medmnist
 from monai_pld.evaluation import load_image_source
@@ -31,19 +29,13 @@ from monai_pld.sharing import (
     read_nifti_stack,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "bundles" / "pathmnist" / "export.yaml"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished tiny PathMNIST-shaped distillation (SLFD, DM) with its MLflow run."""
-    tmp = tmp_path_factory.mktemp("export")
-    data = tmp / "data"
-    write_medmnist_npz(data / "pathmnist.npz", n_per_split={"train": 90, "val": 18, "test": 36})
-    out = tmp / "run"
-    run_bundle(tmp, data, *TINY, "--output_dir", out, "--run_name", "tiny")
-    return tmp, data, out
+def run(tiny_run):
+    """The suite's tiny PathMNIST-shaped distillation (SLFD, DM) with its MLflow run (conftest ``tiny_run``)."""
+    return tiny_run.tmp, tiny_run.data, tiny_run.out
 
 
 @pytest.fixture(scope="module")

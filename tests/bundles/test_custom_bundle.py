@@ -9,12 +9,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from helpers import REPO
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from monai_pld.formats import load_distilled
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "custom"
 CLASSES = ("benign", "inflamed", "malignant")
 # a few iterations of a narrow network through a barely pretrained generator: the wiring, not the quality

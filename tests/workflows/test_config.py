@@ -1,8 +1,8 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from monai_pld.defaults import DEFAULT_LEARNING_RATES
 from monai_pld.utils import (
@@ -43,7 +43,7 @@ def test_auto_learning_rates_are_those_of_the_space(kind, layer, matcher):
 
 def test_default_learning_rates_are_the_committed_selection():
     """The table in monai_pld/defaults.py is the output of benchmarks/select_learning_rates.py, committed as data."""
-    chosen = json.loads((Path(__file__).resolve().parents[1] / "docs" / "tuning" / "learning_rates.json").read_text())
+    chosen = json.loads((REPO / "docs" / "tuning" / "learning_rates.json").read_text())
     for entry in chosen["chosen"]:
         assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
 
