@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_pld.data import ClassBalancedBatches, ImageSet
+from monai_pld.data import ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
 from monai_pld.utils import derive_seed
-from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
+from monai_pld.workflows import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REF = ROOT.parent / "shared" / "reference" / "DatasetCondensation"
@@ -111,17 +111,19 @@ class Workload:
     def trainer(self, name: str, iters: int) -> DistillationTrainer:
         kind, include_mean = PROJECT[name]
         gen = self.pixel_gen if kind == "pixel" else self.autoencoder
-        param = build_parameterization(kind, gen, self.data, self.args.ipc)
-        matcher = build_matcher("dm", self.data, **self.args.matcher_args)
-        return DistillationTrainer(
-            self.device,
-            iters,
-            ClassBalancedBatches(self.data, self.batch_real),
-            param,
-            gen,
-            matcher,
-            build_optimizer(param),
+        return build_trainer(
+            self.data,
+            kind,
+            "dm",
+            ipc=self.args.ipc,
+            iterations=iters,
+            generator=gen,
+            batch_real_per_class=self.batch_real,
             include_mean=include_mean,
+            lr_codes=0.01,  # one value for every space: the work per iteration does not depend on it
+            lr_network=0.001,
+            device=self.device,
+            matcher_args=self.args.matcher_args,
             **self.args.trainer_args,
         )
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from monai_pld.data import ClassBalancedBatches, ImageSet
+from monai_pld.data import ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
-from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
+from monai_pld.workflows import build_trainer
 
 VARIANTS = {
     "latent (deterministic codes)": dict(kind="latent"),
@@ -41,22 +41,24 @@ def synthetic_set(num_classes: int, per_class: int, size: int, channels: int = 3
 
 
 def make_trainer(spec: dict, data: ImageSet, generator, ipc: int, batch_real: int, iters: int) -> DistillationTrainer:
-    kwargs = {k: v for k, v in spec.items() if k in ("rank", "diagonal")}
     if spec["kind"] == "pixel":
         generator = PixelGenerator((data.channels, data.image_size, data.image_size))
-    generator = at_layer(generator, spec.get("latent_layer", 0))
-    param = build_parameterization(spec["kind"], generator, data, ipc, **kwargs)
-    return DistillationTrainer(
-        "cpu",
-        iters,
-        ClassBalancedBatches(data, batch_real),
-        param,
-        generator,
-        build_matcher("dm", data),
-        build_optimizer(param),
+    return build_trainer(
+        data,
+        spec["kind"],
+        "dm",
+        ipc=ipc,
+        iterations=iters,
+        generator=at_layer(generator, spec.get("latent_layer", 0)),
+        rank=spec.get("rank", 8),
+        parameterization_options={"diagonal": spec["diagonal"]} if "diagonal" in spec else None,
+        batch_real_per_class=batch_real,
         samples_per_slot=spec.get("samples", 1),
         antithetic=spec.get("antithetic", False),
         include_mean=spec.get("include_mean", False),
+        lr_codes=0.01,  # one value for every space: the work per iteration does not depend on it
+        lr_network=0.001,
+        device="cpu",
     )
 
 

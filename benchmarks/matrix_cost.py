@@ -47,10 +47,9 @@ def run_cell(args: argparse.Namespace) -> dict:
     """One cell in this process: build everything, run warm-up + timed iterations, report timings and memory."""
     from ignite.engine import Events
 
-    from monai_pld.data import ClassBalancedBatches, ImageSet
-    from monai_pld.engines import DistillationTrainer
+    from monai_pld.data import ImageSet
     from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
-    from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
+    from monai_pld.workflows import build_trainer
 
     torch.set_num_threads(args.threads)
     channels, classes = SHAPES[args.size]
@@ -64,7 +63,6 @@ def run_cell(args: argparse.Namespace) -> dict:
         generator = PixelGenerator((channels, args.size, args.size)).freeze()
     else:
         generator = AutoencoderKLGenerator(**default_autoencoder_config(args.size, channels)).freeze()
-    param = build_parameterization(args.parameterization, generator, data, args.ipc, rank=8)
     matcher_kwargs: dict = {}
     if args.matcher == "dc":
         matcher_kwargs = {"loops": args.dc_loops}
@@ -75,16 +73,20 @@ def run_cell(args: argparse.Namespace) -> dict:
             "expert_epochs": 1,
             "max_start_epoch": 1,
         }
-    matcher = build_matcher(args.matcher, data, parameterization=args.parameterization, ipc=args.ipc, **matcher_kwargs)
     total = args.warmup + args.iters
-    trainer = DistillationTrainer(
-        "cpu",
-        total,
-        ClassBalancedBatches(data, args.batch_real),
-        param,
-        generator,
-        matcher,
-        build_optimizer(param, matcher=matcher),
+    trainer = build_trainer(
+        data,
+        args.parameterization,
+        args.matcher,
+        ipc=args.ipc,
+        iterations=total,
+        generator=generator,
+        batch_real_per_class=args.batch_real,
+        include_mean=False,
+        lr_codes=0.01,  # one value for every space: the work per iteration does not depend on it
+        lr_network=0.001,
+        matcher_args=matcher_kwargs,
+        device="cpu",
     )
     stamps: list[float] = []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: stamps.append(time.perf_counter()))

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from monai_pld.data import ClassBalancedBatches, ImageSet, load_dataset
-from monai_pld.engines import DistillationTrainer
+from monai_pld.data import ImageSet, load_dataset
 from monai_pld.sharing.privacy import audit_privacy
-from monai_pld.workflows import build_generator, build_matcher, build_optimizer, build_parameterization
+from monai_pld.workflows import build_generator, build_trainer
 
 
 def distilled_set(
@@ -45,21 +44,25 @@ def distilled_set(
         dataset_dir=args.data_dir,
         image_size=train.image_size,
         download=False,
-        epochs=8,
     )
-    param = build_parameterization(kind, generator, train, args.ipc, seed=args.seed, init=init)
+    trainer = build_trainer(
+        train,
+        kind,
+        "dm",
+        ipc=args.ipc,
+        iterations=iterations,
+        generator=generator,
+        init=init,
+        include_mean=False,
+        lr_codes=0.01,
+        lr_network=0.001,
+        batch_real_per_class=64,
+        seed=args.seed,
+        device="cpu",
+    )
     if kind != "random":
-        trainer = DistillationTrainer(
-            "cpu",
-            iterations,
-            ClassBalancedBatches(train, 64, args.seed),
-            param,
-            generator,
-            build_matcher("dm", train, seed=args.seed),
-            build_optimizer(param),
-            seed=args.seed,
-        )
         trainer.run()
+    param = trainer.parameterization
     images, labels = param.render(generator, "mean")
     return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8), labels
 

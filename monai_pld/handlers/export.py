@@ -16,6 +16,8 @@ from monai_pld.formats.distilled import export_distilled_set
 from monai_pld.formats.distribution import DISTILLED_FORMAT
 from monai_pld.utils import flatten_params
 
+from .parts import take_run_parts
+
 __all__ = ["DistilledSetExporter", "export_distilled_set", "DISTILLED_FORMAT"]
 
 
@@ -27,19 +29,21 @@ class DistilledSetExporter:
 
     Args:
         output_dir: target folder.
-        parameterization, generator, class_names, mode, seed: see :func:`export_distilled_set`.
+        parameterization, generator, class_names, mode, seed: see :func:`export_distilled_set`; the
+            parameterisation and generator default to the engine's (taken when the handler is attached).
         config: configuration values recorded in the manifest.
         dataset: dataset description recorded in the manifest (flag, image size, split sizes...).
         mlflow_handler: optional ``MLFlowHandler`` whose run receives the files as artefacts.
-        matcher: the matcher used; its settings go into the manifest and, as ``matcher.<key>`` params, into MLflow.
+        matcher: the matcher used (default: the engine's); its settings go into the manifest and, as
+            ``matcher.<key>`` params, into MLflow.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        parameterization: Any,
-        generator: Any,
-        class_names: Sequence[str],
+        parameterization: Any = None,
+        generator: Any = None,
+        class_names: Sequence[str] | None = None,
         mode: str = "mean",
         seed: int = 0,
         config: Mapping[str, Any] | None = None,
@@ -49,6 +53,8 @@ class DistilledSetExporter:
     ) -> None:
         if mode not in ("mean", "sample"):
             raise ValueError(f"export mode must be 'mean' or 'sample', got {mode!r}")
+        if class_names is None:
+            raise ValueError("DistilledSetExporter needs the class names (e.g. the training split's class_names)")
         self.output_dir = output_dir
         self.parameterization = parameterization
         self.generator = generator
@@ -64,6 +70,7 @@ class DistilledSetExporter:
         self._start_iteration = 0
 
     def attach(self, engine: Engine) -> None:
+        take_run_parts(self, engine, ("parameterization", "generator", "matcher"))
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from monai_pld.utils import atomic_write
 
+from .parts import take_run_parts
+
 __all__ = ["SyntheticImageGrid", "image_grid", "save_png"]
 
 
@@ -56,8 +58,9 @@ class SyntheticImageGrid:
 
     Args:
         output_dir: folder for the PNG files (created when needed).
-        parameterization: object with ``render(generator, mode)``, e.g. ``SLFDistribution``.
-        generator: the frozen generator.
+        parameterization: object with ``render(generator, mode)``, e.g. ``SLFDistribution`` (default: the engine's,
+            taken when the handler is attached).
+        generator: the frozen generator (default: the engine's).
         interval: iterations between grids.
         mode: ``mean`` or ``sample`` (what is rendered).
         mlflow_handler: optional MONAI ``MLFlowHandler`` of the same run; grids are logged into its run under
@@ -69,8 +72,8 @@ class SyntheticImageGrid:
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        parameterization: Any,
-        generator: Any,
+        parameterization: Any = None,
+        generator: Any = None,
         interval: int = 100,
         mode: str = "mean",
         mlflow_handler: Any = None,
@@ -90,6 +93,7 @@ class SyntheticImageGrid:
         self.logger = logging.getLogger("monai_pld")
 
     def attach(self, engine: Engine) -> None:
+        take_run_parts(self, engine)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 

@@ -11,6 +11,8 @@ from ignite.engine import Engine, Events
 from monai_pld.data import ImageSet, ImageSource
 from monai_pld.evaluation import train_and_test
 
+from .parts import take_run_parts
+
 __all__ = ["PeriodicEvaluation"]
 
 
@@ -23,8 +25,8 @@ class PeriodicEvaluation:
     Args:
         val: the validation split.
         train: the training split (channel statistics for normalisation).
-        parameterization: object with ``render(generator, mode)``.
-        generator: the frozen generator.
+        parameterization: object with ``render(generator, mode)`` (default: the engine's, when attached).
+        generator: the frozen generator (default: the engine's).
         interval: iterations between evaluations; 0 disables the handler.
         epochs: training epochs of the quick classifier.
         backbone: classifier registry name.
@@ -36,8 +38,8 @@ class PeriodicEvaluation:
         self,
         val: ImageSet,
         train: ImageSet,
-        parameterization: Any,
-        generator: Any,
+        parameterization: Any = None,
+        generator: Any = None,
         interval: int = 200,
         epochs: int = 100,
         backbone: str = "convnet",
@@ -54,6 +56,7 @@ class PeriodicEvaluation:
         self._done: set[int] = set()
 
     def attach(self, engine: Engine) -> None:
+        take_run_parts(self, engine)
         if self.interval:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
             engine.add_event_handler(Events.COMPLETED, self)

@@ -273,9 +273,16 @@ def build_trainer(
     checkpoint_interval: int = 50,
     resume: bool = False,
     handlers: list[Any] | None = None,
+    generator: LatentGenerator | None = None,
+    parameterization_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """A complete :class:`~monai_pld.engines.DistillationTrainer` from configuration values, for Python users and
-    scripts (the bundles wire the same builders one by one).
+    """A complete :class:`~monai_pld.engines.DistillationTrainer` from configuration values: what every bundle's
+    ``train#trainer`` is, and what Python users and scripts call.
+
+    ``generator`` replaces the pretrained autoencoder of ``generator_path`` with one built elsewhere (the bundles
+    pass their ``train#generator`` component, so a config can swap in any decoder). Handlers that draw or export
+    the set take the trainer's parts when they are attached, so they need no reference to them.
+    ``parameterization_options`` are further :func:`build_parameterization` keywords (e.g. SLFD's ``diagonal``).
 
     ``lr_codes``/``lr_network`` ``"auto"`` take the per-space defaults of :mod:`monai_pld.defaults`; ``pretrain``
     holds :func:`~monai_pld.engines.generator.pretrain_generator` arguments used when the generator is pretrained
@@ -300,9 +307,10 @@ def build_trainer(
     lr_network = auto_network if lr_network == "auto" else float(lr_network)
     if generator_path is None:
         generator_path = os.path.join("generators", f"{dataset.name or 'data'}_{dataset.image_size}px_autoencoderkl.pt")
-    generator = build_generator(
-        parameterization, dataset, generator_path, dev, latent_layer, generator_policy, **dict(pretrain or {})
-    )
+    if generator is None:
+        generator = build_generator(
+            parameterization, dataset, generator_path, dev, latent_layer, generator_policy, **dict(pretrain or {})
+        )
     param = build_parameterization(
         parameterization,
         generator,
@@ -313,6 +321,7 @@ def build_trainer(
         hidden_channels=hidden_channels,
         kl_weight=kl_weight,
         init=init,
+        **dict(parameterization_options or {}),
     )
     match = build_matcher(
         matcher, dataset, seed=seed, parameterization=parameterization, ipc=ipc, **dict(matcher_args or {})
