@@ -74,6 +74,23 @@ def test_config_parses_and_every_reference_resolves(bundle, config, monkeypatch)
             assert ref in items, f"{bundle}/{config}#{item_id} refers to the missing id '{ref}'"
 
 
+@pytest.mark.parametrize("bundle", DATASET_BUNDLES)
+def test_every_bundle_takes_the_shared_defaults_and_build_trainer(bundle, monkeypatch):
+    """No dataset bundle takes a value from another dataset bundle; every default they share comes from
+    bundles/common/defaults.yaml, and the distillation trainer is the one build_trainer scripts call."""
+    monkeypatch.chdir(REPO)
+    for config in CONFIGS:
+        text = (REPO / "bundles" / bundle / config).read_text()
+        others = set(re.findall(r"%bundles/([a-z0-9_]+)/", text)) - {bundle, "common"}
+        assert not others, f"bundles/{bundle}/{config} takes values from {others}"
+    parser = _parser([f"bundles/{bundle}/train.yaml"])
+    parser.parse()  # expands the macros
+    assert parser.get("train#trainer#_target_") == "monai_pld.workflows.build_trainer"
+    defaults = _parser(["bundles/common/defaults.yaml"])
+    for key in ("rank", "lr_codes", "optimizer", "generator_lr", "tracking_uri", "latent_layer"):
+        assert parser.get(key) == defaults.get(key), key
+
+
 def _documented_commands():
     """(where, config files, override ids) of every `python -m monai.bundle run` line in the documents."""
     found = []

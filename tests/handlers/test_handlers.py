@@ -5,15 +5,20 @@ import pytest
 import torch
 from ignite.engine import Engine
 
+from monai_pld.data import ImageSet
 from monai_pld.handlers import (
     CheckpointError,
+    DistilledSetExporter,
     ProgressLogger,
     ResumeFromCheckpoint,
+    SyntheticImageGrid,
     format_duration,
     image_grid,
     latest_checkpoint,
     save_png,
 )
+from monai_pld.networks.generators import PixelGenerator
+from monai_pld.workflows import build_trainer
 
 
 def test_format_duration():
@@ -89,3 +94,32 @@ def test_image_grid_rows_are_classes(tmp_path):
 
     with Image.open(path) as png:
         assert png.size == (24, 16)
+
+
+def test_image_handlers_take_the_parts_of_the_trainer_they_are_attached_to(tmp_path):
+    """The bundles configure the grid and export handlers before build_trainer makes the parameterisation, so the
+    handlers read it (and the generator, and the exporter the matcher) from the trainer when attached."""
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageSet(images, torch.arange(3).repeat_interleave(4), ["a", "b", "c"], "tiny")
+    grid = SyntheticImageGrid(tmp_path / "grids", interval=2)
+    export = DistilledSetExporter(tmp_path / "distilled", class_names=data.class_names)
+    trainer = build_trainer(
+        data,
+        "pixel",
+        ipc=1,
+        iterations=2,
+        generator=PixelGenerator((3, 8, 8)),
+        batch_real_per_class=2,
+        matcher_args={"embedder_kwargs": {"width": 8}},
+        handlers=[grid, export],
+        device="cpu",
+    )
+    assert grid.parameterization is trainer.parameterization and grid.generator is trainer.generator
+    assert export.matcher is trainer.matcher
+    trainer.run()
+    assert (tmp_path / "grids" / "iter_000002.png").is_file()
+    with np.load(tmp_path / "distilled" / "images.npz") as npz:
+        expected = trainer.parameterization.render(trainer.generator, mode="mean")[0]
+        assert np.array_equal(npz["images"], (expected.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="no parameterization"):
+        SyntheticImageGrid(tmp_path / "other").attach(Engine(lambda e, b: None))
