@@ -133,88 +133,169 @@ def export_package(
     """
     folder, run_manifest = read_distilled_folder(distilled)
     output = Path(output)
-    as_zip = output.suffix.lower() == ".zip"
     if output.exists() and not overwrite:
         raise PackageError(f"{output} exists; choose another output or pass overwrite=True (--overwrite true)")
     try:
         images, labels, names = read_images(folder / IMAGES_FILE, str(folder / IMAGES_FILE))
     except ImagesFileError as e:
         raise PackageError(str(e)) from e
-    members: dict[str, bytes] = {"images.npz": (folder / "images.npz").read_bytes()}
     config = dict(run_manifest.get("config") or {})
-    dataset_record = dict(run_manifest.get("dataset") or {})
-    flag = dataset_record.get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
-
+    flag = (run_manifest.get("dataset") or {}).get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
     # the cheap checks of the inputs first, the audit (minutes on a large training split) after them
-    generator_record = dict(run_manifest.get("generator") or {})
-    has_distribution = include_distribution and (folder / "distribution.pt").is_file()
-    gen_path = None
-    if has_distribution:
-        members["distribution.pt"] = (folder / "distribution.pt").read_bytes()
-        if include_generator and generator_record.get("class") == "AutoencoderKLGenerator":
-            gen_path = Path(generator_path or generator_record.get("path") or "")
-            if not gen_path.is_file():
-                raise PackageError(
-                    f"the generator {gen_path} recorded by {folder / MANIFEST} is not there; give generator_path "
-                    "(--generator_path) or export without it (include_generator false)"
-                )
-            expected = generator_record.get("sha256")
-            if expected and sha256_file(gen_path) != expected:
-                raise PackageError(
-                    f"{gen_path} is not the generator this set was distilled with (SHA-256 differs from "
-                    f"{folder / MANIFEST}); give the right generator_path"
-                )
-            members["generator.pt"] = gen_path.read_bytes()
-        elif include_generator and generator_record.get("class") != "PixelGenerator":
-            logger.warning(
-                f"the generator {generator_record.get('class')} is not packaged (only AutoencoderKL weights are)"
-            )
-
+    members = {"images.npz": (folder / "images.npz").read_bytes()}
+    members.update(_model_members(folder, run_manifest, include_distribution, include_generator, generator_path))
     audit_record: dict[str, Any] = {"performed": False}
     if audit:
-        if train is None or heldout is None:
-            raise PackageError("the privacy audit needs the real training split and a held-out split (train, heldout)")
-        synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        kwargs = dict(audit_kwargs or {})
-        drawn = {}
-        if has_distribution:
-            drawn = _shared_model_draws(
-                folder / "distribution.pt",
-                gen_path if "generator.pt" in members else None,
-                generator_record,
-                audit_samples_per_slot,
-                audit_prior_samples,
-                int(kwargs.get("seed", 0)),
-            )
-        result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, drawn=drawn, **kwargs)
-        result["settings"]["heldout_split"] = heldout_split
-        # written beside the distilled set first, so that a refused export still shows what was found
-        written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
-        try:
-            check_audit(result, force=force)  # refuses before anything of the package is written
-        except PrivacyAuditError as e:
-            raise PrivacyAuditError(f"{e}. The audit is in {written['json'].parent}") from None
-        members["privacy/audit.json"] = written["json"].read_bytes()
-        members["privacy/closest_pairs.png"] = written["png"].read_bytes()
-        audit_record = {"performed": True, "forced": bool(force and not result["passed"]), **audit_summary(result)}
+        audit_members, audit_record = _audit_members(
+            folder,
+            run_manifest,
+            images,
+            labels,
+            members,
+            train,
+            heldout,
+            heldout_split,
+            force,
+            audit_kwargs,
+            audit_samples_per_slot,
+            audit_prior_samples,
+            generator_path,
+        )
+        members.update(audit_members)
+    members.update(_image_members(images, labels, names, flag, nifti, previews))
+    manifest = _package_manifest(output.name, folder, run_manifest, images, labels, names, flag, members, attribution)
+    manifest["privacy_audit"] = audit_record
+    manifest["files"] = _file_table(members)
+    members["README.md"] = package_card(manifest).encode()
+    manifest["files"].update(_file_table({"README.md": members["README.md"]}))
+    members[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
+    _write(members, output, output.suffix.lower() == ".zip")
+    logger.info(
+        f"package written to {output}: {len(images)} images, {len(members)} files"
+        + ("" if audit_record["performed"] else " (no privacy audit)")
+    )
+    if tracking_uri:
+        _log_mlflow(output, run_manifest, tracking_uri, experiment_name)
+    return output
 
-    stems = [class_stem(i, n) for i, n in enumerate(names)]
-    for c, stem in enumerate(stems):
+
+def _generator_file(folder: Path, run_manifest: Mapping[str, Any], generator_path: Any) -> Path:
+    """The generator checkpoint the set was distilled with, checked against the SHA-256 the run recorded."""
+    record = run_manifest.get("generator") or {}
+    path = Path(generator_path or record.get("path") or "")
+    if not path.is_file():
+        raise PackageError(
+            f"the generator {path} recorded by {folder / MANIFEST} is not there; give generator_path "
+            "(--generator_path) or export without it (include_generator false)"
+        )
+    if record.get("sha256") and sha256_file(path) != record["sha256"]:
+        raise PackageError(
+            f"{path} is not the generator this set was distilled with (SHA-256 differs from "
+            f"{folder / MANIFEST}); give the right generator_path"
+        )
+    return path
+
+
+def _model_members(
+    folder: Path, run_manifest: Mapping[str, Any], include_distribution: bool, include_generator: bool, generator_path
+) -> dict[str, bytes]:
+    """``distribution.pt`` (when the run has one and it is wanted) and the AutoencoderKL's ``generator.pt``."""
+    if not (include_distribution and (folder / "distribution.pt").is_file()):
+        return {}
+    members = {"distribution.pt": (folder / "distribution.pt").read_bytes()}
+    kind = (run_manifest.get("generator") or {}).get("class")
+    if include_generator and kind == "AutoencoderKLGenerator":
+        members["generator.pt"] = _generator_file(folder, run_manifest, generator_path).read_bytes()
+    elif include_generator and kind != "PixelGenerator":
+        logger.warning(f"the generator {kind} is not packaged (only AutoencoderKL weights are)")
+    return members
+
+
+def _audit_members(
+    folder: Path,
+    run_manifest: Mapping[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray,
+    members: Mapping[str, bytes],
+    train: Any,
+    heldout: Any,
+    heldout_split: str,
+    force: bool,
+    audit_kwargs: Mapping[str, Any] | None,
+    samples_per_slot: int,
+    prior_samples: int,
+    generator_path: Any,
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Run the privacy audit on the images and on what the packaged distribution and generator draw; write it beside
+    the run (so a refused export still shows what was found) and refuse unless it passed or ``force``. Returns the
+    audit's package files and its manifest record."""
+    if train is None or heldout is None:
+        raise PackageError("the privacy audit needs the real training split and a held-out split (train, heldout)")
+    synthetic = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    kwargs = dict(audit_kwargs or {})
+    drawn = {}
+    if "distribution.pt" in members:
+        drawn = _shared_model_draws(
+            folder / "distribution.pt",
+            _generator_file(folder, run_manifest, generator_path) if "generator.pt" in members else None,
+            dict(run_manifest.get("generator") or {}),
+            samples_per_slot,
+            prior_samples,
+            int(kwargs.get("seed", 0)),
+        )
+    result = audit_privacy(synthetic, torch.from_numpy(labels), train, heldout, drawn=drawn, **kwargs)
+    result["settings"]["heldout_split"] = heldout_split
+    written = write_audit(result, folder.parent / "privacy_audit", synthetic, train)
+    try:
+        check_audit(result, force=force)  # refuses before anything of the package is written
+    except PrivacyAuditError as e:
+        raise PrivacyAuditError(f"{e}. The audit is in {written['json'].parent}") from None
+    files = {
+        "privacy/audit.json": written["json"].read_bytes(),
+        "privacy/closest_pairs.png": written["png"].read_bytes(),
+    }
+    return files, {"performed": True, "forced": bool(force and not result["passed"]), **audit_summary(result)}
+
+
+def _image_members(
+    images: np.ndarray, labels: np.ndarray, names: list[str], flag: str, nifti: bool, previews: bool
+) -> dict[str, bytes]:
+    """One NIfTI stack and one PNG preview per class, and a preview of the whole set."""
+    members = {}
+    for c, name in enumerate(names):
         chosen = labels == c
         if not chosen.any():
             continue
+        stem = class_stem(c, name)
         if nifti:
-            members[f"nifti/{stem}.nii.gz"] = _nifti_bytes(images[chosen], f"{flag} {names[c]}")
+            members[f"nifti/{stem}.nii.gz"] = _nifti_bytes(images[chosen], f"{flag} {name}")
         if previews:
             members[f"previews/{stem}.png"] = _png_bytes(images[chosen], labels[chosen])
     if previews:
         members["previews/all.png"] = _png_bytes(images, labels)
+    return members
 
-    height, width, channels = images.shape[1:]
+
+def _package_manifest(
+    name: str,
+    folder: Path,
+    run_manifest: Mapping[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: list[str],
+    flag: str,
+    members: Mapping[str, bytes],
+    attribution: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """The package's manifest.json (its ``files`` and ``privacy_audit`` are filled in by the caller)."""
+    config = dict(run_manifest.get("config") or {})
+    dataset_record = dict(run_manifest.get("dataset") or {})
+    generator_record = dict(run_manifest.get("generator") or {})
     parameterization = dict(run_manifest.get("parameterization") or {})
-    manifest: dict[str, Any] = {
+    height, width, channels = images.shape[1:]
+    return {
         "format": PACKAGE_FORMAT,
-        "name": output.name,
+        "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "class_names": names,
         "num_classes": len(names),
@@ -240,7 +321,7 @@ def export_package(
         "source": {
             "dataset_flag": flag,
             "image_size": config.get("image_size", height),
-            **(dict(attribution or {}) or (run_manifest.get("dataset") or {}).get("attribution") or _attribution(flag)),
+            **(dict(attribution or {}) or dataset_record.get("attribution") or _attribution(flag)),
             **({"read": dataset_record["read"]} if dataset_record.get("read") else {}),
         },
         # where the generator lives at the sending site means nothing at the receiving one
@@ -248,23 +329,11 @@ def export_package(
             **{k: v for k, v in generator_record.items() if k != "path"},
             "packaged": "generator.pt" in members,
         },
-        "privacy_audit": audit_record,
+        "privacy_audit": {},
         "distilled_from": {"run_manifest_sha256": sha256_file(folder / MANIFEST), "mlflow": run_manifest.get("mlflow")},
         "versions": library_versions(),
         "files": {},
     }
-    manifest["files"] = _file_table(members)
-    members["README.md"] = package_card(manifest).encode()
-    manifest["files"].update(_file_table({"README.md": members["README.md"]}))
-    members[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
-    _write(members, output, as_zip)
-    logger.info(
-        f"package written to {output}: {len(images)} images, {len(members)} files"
-        + ("" if audit_record["performed"] else " (no privacy audit)")
-    )
-    if tracking_uri:
-        _log_mlflow(output, run_manifest, tracking_uri, experiment_name)
-    return output
 
 
 def _shared_model_draws(
