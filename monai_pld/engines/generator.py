@@ -328,44 +328,23 @@ def pretrain_generator(
     torch.manual_seed(seed)
     generator = AutoencoderKLGenerator(**settings["network"]).to(dev)
     batch = min(int(batch_size), len(train_images))
-    loader = DataLoader(
-        TensorDataset(train_images),
-        batch_size=batch,
-        # permutation after permutation of the training images, as many batches as there are steps
-        sampler=RandomSampler(
-            train_images, num_samples=total_steps * batch, generator=torch.Generator().manual_seed(seed)
-        ),
-        drop_last=True,
-    )
+    loader = _step_loader(train_images, batch, total_steps, seed)
     optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
-    handlers: list[Any] = [
-        LrScheduleHandler(
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps), epoch_level=False, print_lr=False
-        ),
-    ]
-    if distributed.is_main():  # rank 0 alone validates, reports and logs
-        handlers += [
-            ReconstructionValidation(val),  # before the MLflow handler below, which logs its metrics at the same epoch
-            ProgressLogger(interval=log_interval, prefix="generator"),
-        ]
-    run_name = run_name or f"pretrain_{dataset_flag}_{image_size}px"
     params = {
         **{f"generator_{k}": v for k, v in settings.items() if k != "network"},
         "train_images": len(train_images),
         **{f"network_{k}": str(v) for k, v in settings["network"].items()},
     }
-    if tracking_uri and distributed.is_main():
-        handlers.append(
-            MLFlowHandler(
-                tracking_uri=tracking_uri,
-                experiment_name=experiment_name,
-                run_name=run_name,
-                experiment_param=params,
-                output_transform=lambda out: out[0],
-                iteration_log=lambda engine, it: it % log_interval == 0,
-                close_on_complete=True,
-            )
-        )
+    handlers = _pretrain_handlers(
+        optimizer,
+        total_steps,
+        val,
+        log_interval,
+        tracking_uri,
+        experiment_name,
+        run_name or f"pretrain_{dataset_flag}_{image_size}px",
+        params,
+    )
     trainer = GeneratorTrainer(
         device=dev,
         max_epochs=epochs_run,
@@ -411,6 +390,49 @@ def pretrain_generator(
     logger.info(f"generator saved to {generator_path}")
     distributed.barrier()
     return AutoencoderKLGenerator.load(generator_path, map_location=dev)
+
+
+def _step_loader(images: torch.Tensor, batch: int, steps: int, seed: int) -> DataLoader:
+    """Permutation after permutation of ``images``, as many batches of ``batch`` as there are ``steps``."""
+    sampler = RandomSampler(images, num_samples=steps * batch, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(images), batch_size=batch, sampler=sampler, drop_last=True)
+
+
+def _pretrain_handlers(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    val: Any,
+    log_interval: int,
+    tracking_uri: str | None,
+    experiment_name: str,
+    run_name: str,
+    params: dict[str, Any],
+) -> list[Any]:
+    """Cosine learning-rate decay on every rank; validation, progress lines and MLflow on rank 0 alone."""
+    handlers: list[Any] = [
+        LrScheduleHandler(
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps), epoch_level=False, print_lr=False
+        ),
+    ]
+    if not distributed.is_main():
+        return handlers
+    handlers += [
+        ReconstructionValidation(val),  # before the MLflow handler below, which logs its metrics at the same epoch
+        ProgressLogger(interval=log_interval, prefix="generator"),
+    ]
+    if tracking_uri:
+        handlers.append(
+            MLFlowHandler(
+                tracking_uri=tracking_uri,
+                experiment_name=experiment_name,
+                run_name=run_name,
+                experiment_param=params,
+                output_transform=lambda out: out[0],
+                iteration_log=lambda engine, it: it % log_interval == 0,
+                close_on_complete=True,
+            )
+        )
+    return handlers
 
 
 def warn_if_blurry(psnr: float, min_psnr: float, train_images: int, path: str) -> bool:
