@@ -11,6 +11,7 @@ from PIL import Image
 
 from monai_pld.data import ImageSet
 from monai_pld.sharing import privacy
+from monai_pld.sharing.privacy import search
 from monai_pld.sharing.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
 
 SIZE = 16
@@ -91,8 +92,8 @@ def test_nearest_index_of_a_copy(splits):
 def test_chunked_search_matches_brute_force(splits, monkeypatch):
     train, heldout = splits
     # chunks far smaller than the sets, so the running minimum crosses chunk borders
-    monkeypatch.setattr(privacy, "QUERY_CHUNK", 4)
-    monkeypatch.setattr(privacy, "REFERENCE_CHUNK", 7)
+    monkeypatch.setattr(search, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(search, "REFERENCE_CHUNK", 7)
     synthetic = torch.cat([textures(3, seed=7).images, train.images[[5]]])
     result = audit(synthetic, train, heldout, percentile=10.0, max_reference=None, max_heldout=None)
 
@@ -150,7 +151,7 @@ def test_feature_space(splits):
 
 
 def test_backbone_without_embed_is_refused(splits, monkeypatch):
-    monkeypatch.setattr(privacy, "train_classifier", lambda *a, **k: (torch.nn.Identity(), {"train_seconds": 0}))
+    monkeypatch.setattr(search, "train_classifier", lambda *a, **k: (torch.nn.Identity(), {"train_seconds": 0}))
     with pytest.raises(ValueError, match="no embed"):
         audit(checkerboards(2), *splits, feature_epochs=1)
 
