@@ -21,7 +21,7 @@ LAYERS = (
     ("monai_pld", "monai_pld.bundle_errors", "monai_pld.defaults", "monai_pld.distributed"),
     ("monai_pld.utils",),
     ("monai_pld.augment", "monai_pld.data"),
-    ("monai_pld.networks",),  # classifiers, generators and the parameterisations of the synthetic set
+    ("monai_pld.networks", "monai_pld.parameterizations"),  # classifiers and generators; the distilled set's slots
     ("monai_pld.formats",),
     ("monai_pld.matching",),
     ("monai_pld.evaluation",),
@@ -37,6 +37,8 @@ SHIMS = frozenset(
         "monai_pld.export",
         "monai_pld.export.package",
         "monai_pld.export.privacy",
+        "monai_pld.networks.latent_distribution",
+        "monai_pld.networks.real_images",
     }
 )
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
+from monai_pld.parameterizations import LatentCodes, SLFDistribution
 from monai_pld.utils import atomic_save_torch
 
 __all__ = ["DISTILLED_FORMAT", "DISTRIBUTION_FILE", "load_distribution", "save_distribution"]

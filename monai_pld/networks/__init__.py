@@ -1,8 +1,10 @@
-"""Networks: generators, latent parameterisations, classifiers."""
+"""Networks: generators and classifiers. (``LatentCodes``, ``LatentParameterization`` and ``SLFDistribution`` are
+re-exported from :mod:`monai_pld.parameterizations` for one release.)"""
+
+from monai_pld.parameterizations import LatentCodes, LatentParameterization, SLFDistribution
 
 from .classifiers import ConvNet, get_classifier
 from .generators import AutoencoderKLGenerator, ExternalGenerator, LatentGenerator, PixelGenerator, load_generator
-from .latent_distribution import LatentCodes, LatentParameterization, SLFDistribution
 
 __all__ = [
     "AutoencoderKLGenerator",

@@ -16,8 +16,7 @@ from monai_pld.engines.distillation import DistillationTrainer
 from monai_pld.engines.generator import ensure_generator
 from monai_pld.matching import DistributionMatcher, GradientMatcher, TrajectoryMatcher
 from monai_pld.networks.generators import LatentGenerator, PixelGenerator, at_layer
-from monai_pld.networks.latent_distribution import LatentCodes, SLFDistribution
-from monai_pld.networks.real_images import BASELINES, RealImageSet
+from monai_pld.parameterizations import BASELINES, LatentCodes, RealImageSet, SLFDistribution
 from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, derive_seed, resolve_device
 
 __all__ = [

@@ -18,7 +18,7 @@ from monai_pld.data import ImageSet, load_medmnist
 from monai_pld.evaluation import load_image_source
 from monai_pld.formats import export_distilled_set
 from monai_pld.networks.generators import PixelGenerator
-from monai_pld.networks.real_images import RealImageSet
+from monai_pld.parameterizations import RealImageSet
 from monai_pld.sharing import (
     PACKAGE_FORMAT,
     PackageError,
@@ -319,7 +319,7 @@ def test_unfinished_run_is_refused(tmp_path):
 
 
 def test_pixel_package_renders_without_shipping_a_generator(tmp_path):
-    from monai_pld.networks.latent_distribution import LatentCodes
+    from monai_pld.parameterizations import LatentCodes
 
     codes = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     param = LatentCodes(codes, torch.tensor([0, 0, 1, 1]), 2)

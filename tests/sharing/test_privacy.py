@@ -11,8 +11,7 @@ from PIL import Image
 
 from monai_pld.data import ImageSet
 from monai_pld.sharing import privacy
-from monai_pld.sharing.privacy import search
-from monai_pld.sharing.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, write_audit
+from monai_pld.sharing.privacy import PrivacyAuditError, audit_privacy, audit_summary, check_audit, search, write_audit
 
 SIZE = 16
 
@@ -223,7 +222,7 @@ class _FixedDecoder(torch.nn.Module):
 
 
 def _slfd(codes, labels, log_var):
-    from monai_pld.networks.latent_distribution import SLFDistribution
+    from monai_pld.parameterizations import SLFDistribution
 
     slfd = SLFDistribution(codes, labels, 3, rank=0, diagonal=True, log_var_min=-30.0, init_log_var=log_var)
     slfd.hyper_parameters = {"kind": "slfd"}

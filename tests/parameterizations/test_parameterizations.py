@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from monai_pld.networks.latent_distribution import LatentCodes, LatentParameterization, SLFDistribution
+from monai_pld.parameterizations import LatentCodes, LatentParameterization, SLFDistribution
 
 
 @pytest.fixture(autouse=True)
