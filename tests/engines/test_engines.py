@@ -7,14 +7,14 @@ import pytest
 import torch
 from helpers import write_medmnist_npz
 
-from monai_pld.data import ClassBalancedBatches, load_medmnist
+from monai_pld.data import load_medmnist
 from monai_pld.defaults import DEFAULT_LEARNING_RATES
-from monai_pld.engines import DistillationTrainer, ensure_generator, pretrain_generator, reconstruction_metrics
+from monai_pld.engines import ensure_generator, pretrain_generator, reconstruction_metrics
 from monai_pld.engines.generator import random_flips, warn_if_blurry
 from monai_pld.evaluation import load_image_source
 from monai_pld.formats import export_distilled_set
 from monai_pld.networks.generators import AutoencoderKLGenerator, GeneratorCheckpointError, default_autoencoder_config
-from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization, build_trainer
+from monai_pld.workflows import build_optimizer, build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,25 @@ def tiny(tmp_path_factory):
     return folder, load_medmnist("pathmnist", "train", folder, download=False)
 
 
-def _trainer(data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, **kwargs):
+def _trainer(data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, include_mean=False, **kwargs):
     torch.manual_seed(0)  # the untrained generator's weights
     generator = AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).freeze()
-    param = build_parameterization(kind, generator, data, ipc=2, rank=rank, seed=seed, kl_weight=kl_weight)
-    matcher = build_matcher("dm", data, seed=seed, embedder_kwargs={"width": 16})
-    return DistillationTrainer(
-        "cpu",
-        iterations,
-        ClassBalancedBatches(data, 4, seed=seed),
-        param,
-        generator,
-        matcher,
-        build_optimizer(param),
-        kl_weight=kl_weight,
+    return build_trainer(
+        data,
+        kind,
+        "dm",
+        ipc=2,
+        iterations=iterations,
+        generator=generator,
+        rank=rank,
         seed=seed,
+        kl_weight=kl_weight,
+        include_mean=include_mean,
+        lr_codes=0.01,
+        lr_network=0.001,
+        batch_real_per_class=4,
+        matcher_args={"embedder_kwargs": {"width": 16}},
+        device="cpu",
         **kwargs,
     )
 
@@ -77,17 +81,18 @@ def test_baseline_parameterizations_run(tiny, kind):
         from monai_pld.networks.generators import PixelGenerator
 
         generator = PixelGenerator((3, 28, 28))
-        param = build_parameterization("pixel", generator, data, ipc=2)
-        assert torch.allclose(param.mean()[0], data.float_images(torch.tensor([0]))[0]) or param.mean().max() <= 1
-        trainer = DistillationTrainer(
-            "cpu",
-            2,
-            ClassBalancedBatches(data, 4),
-            param,
-            generator,
-            build_matcher("dm", data, embedder_kwargs={"width": 16}),
-            build_optimizer(param),
+        trainer = build_trainer(
+            data,
+            "pixel",
+            ipc=2,
+            iterations=2,
+            generator=generator,
+            batch_real_per_class=4,
+            matcher_args={"embedder_kwargs": {"width": 16}},
+            device="cpu",
         )
+        param = trainer.parameterization
+        assert torch.allclose(param.mean()[0], data.float_images(torch.tensor([0]))[0]) or param.mean().max() <= 1
     else:
         trainer = _trainer(data, kind=kind, iterations=2)
     start = trainer.parameterization.mean().detach().clone()

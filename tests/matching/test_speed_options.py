@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_pld.data import ClassBalancedBatches, ImageSet
-from monai_pld.engines import DistillationTrainer
+from monai_pld.data import ImageSet
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.classifiers import AvgPool2x2, get_classifier
 from monai_pld.networks.generators import AutoencoderKLGenerator, default_autoencoder_config
+from monai_pld.workflows import build_trainer
 
 
 def _sets(size=16, classes=3, real_per_class=9, syn_per_class=2, seed=0):
@@ -127,20 +127,7 @@ def test_chunked_decoding_gives_the_images_of_one_call():
     latents = torch.randn(7, *generator.latent_shape)
 
     def trainer(chunk):
-        from monai_pld.workflows import build_matcher, build_optimizer, build_parameterization
-
-        data = _tiny_data()
-        param = build_parameterization("latent", generator, data, 1)
-        return DistillationTrainer(
-            "cpu",
-            1,
-            ClassBalancedBatches(data, 2),
-            param,
-            generator,
-            build_matcher("dm", data),
-            build_optimizer(param),
-            decode_chunk=chunk,
-        )
+        return build_trainer(_tiny_data(), "latent", ipc=1, iterations=1, generator=generator, decode_chunk=chunk)
 
     torch.testing.assert_close(trainer(3).decode(latents), trainer(0).decode(latents), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="decode_chunk"):
