@@ -167,7 +167,6 @@ def build_matcher(
     seed: int = 0,
     parameterization: str | None = None,
     ipc: int | None = None,
-    options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module | None:
     """The matcher ``name`` (``dm``, ``dc`` or ``mtt``) for images shaped like ``dataset``, normalising with the
@@ -179,8 +178,7 @@ def build_matcher(
         seed: base seed of the matcher's random draws.
         parameterization: when ``random`` or ``full``, no matcher is built.
         ipc: images per class (DC derives its outer/inner loops from it).
-        options, kwargs: the matcher's own settings, as one mapping (``matcher_args[name]`` in the bundles) and/or
-            as keywords.
+        kwargs: the matcher's own settings (``matcher_args[name]`` in the bundles, passed on by build_trainer).
 
     Raises:
         ConfigError: for an unknown name or a setting the matcher does not take.
@@ -193,7 +191,6 @@ def build_matcher(
     common = {"mean": mean, "std": std, "seed": seed}
     shape = (dataset.channels, dataset.num_classes, dataset.image_size)
     classes = {"dm": DistributionMatcher, "dc": GradientMatcher, "mtt": TrajectoryMatcher}
-    kwargs = {**(options or {}), **kwargs}
     if name == "dc":
         kwargs = {"ipc": ipc, **kwargs}
     try:
