@@ -38,7 +38,7 @@ import torch
 from monai_pld.data import ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.matching import DistributionMatcher
-from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, default_autoencoder_config
+from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
 from monai_pld.utils import derive_seed
 from monai_pld.workflows import build_trainer
 
@@ -64,7 +64,10 @@ class Workload:
         self.data = ImageSet(torch.from_numpy(u8), torch.from_numpy(labels).long(), [f"c{i}" for i in range(k)], "b")
         self.u8, self.labels = u8, labels
         self.pixel_gen = PixelGenerator((c, size, size)).freeze()
-        self.autoencoder = AutoencoderKLGenerator(**default_autoencoder_config(size, c)).freeze()
+        # split where the bundles distil (``latent_layer``; 0: the bottleneck)
+        self.autoencoder = at_layer(
+            AutoencoderKLGenerator(**default_autoencoder_config(size, c)).freeze(), args.latent_layer
+        )
         self._ref = None
 
     # the reference ------------------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=m.real_dtype == "bfloat16"):
             m._embed(nets[name], real)
 
-    decoder = AutoencoderKLGenerator(**default_autoencoder_config(size, 3)).freeze()
+    decoder = at_layer(AutoencoderKLGenerator(**default_autoencoder_config(size, 3)).freeze(), args.latent_layer)
     maps = torch.randn(auto, net.features[0].out_channels, size, size)
     latents = torch.randn(args.classes * args.ipc, *decoder.latent_shape, requires_grad=True)
 
@@ -289,6 +292,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", type=lambda s: s.split(","), default=["ref", "pixel", "latent", "slfd", "slfd+mean"])
+    p.add_argument(
+        "--latent-layer", type=int, default=2, help="decoder block the latent rows distil after (the bundles': 2)"
+    )
     p.add_argument("--matcher-args", type=json.loads, default={}, help="DM settings as JSON")
     p.add_argument("--trainer-args", type=json.loads, default={}, help="DistillationTrainer settings as JSON")
     p.add_argument("--phases", action="store_true", help="also time the parts of a pixel and a latent iteration")
