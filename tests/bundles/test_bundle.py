@@ -71,16 +71,15 @@ def test_a_run_leaves_nothing_in_the_repository(finished_run):
 
 
 def test_resume_continues_an_interrupted_run(finished_run):
-    tmp, data, _, _ = finished_run
-    # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true".
+    tmp, data, whole, _ = finished_run
+    # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true", against
+    # the finished run's 4 uninterrupted iterations with the same settings.
     part = tmp / "part"
     run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 2, "--run_name", "part")
     resumed = run_bundle(
         tmp, data, *TINY, "--output_dir", part, "--iterations", 4, "--resume", "true", "--run_name", "part"
     )
     assert "resuming from" in resumed.stdout and "resuming at 2/4" in resumed.stdout
-    whole = tmp / "whole"
-    run_bundle(tmp, data, *TINY, "--output_dir", whole, "--run_name", "whole")
     a = torch.load(part / "distilled" / "distribution.pt", weights_only=True)["state_dict"]
     b = torch.load(whole / "distilled" / "distribution.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
