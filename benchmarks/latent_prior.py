@@ -78,6 +78,7 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         batch_real_per_class=args.batch_real,
         seed=seed,
         device="cpu",
+        matcher_args=args.matcher_args,
         pretrain={
             "dataset_flag": args.dataset,
             "dataset_dir": args.data_dir,
@@ -100,6 +101,8 @@ def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
     it with the same settings: the distilled set does not depend on the split it is later tested on."""
     name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}"
+    if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
+        name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
     folder = Path(args.sets) / name
     if (folder / "distribution.pt").is_file():
         param = load_distribution(folder / "distribution.pt")
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["random", "pixel", "latent", "slfd"])
     parser.add_argument("--ipc", type=int, nargs="+", default=[10])
     parser.add_argument("--matcher", default="dm", choices=["dm", "dc"])
+    parser.add_argument(
+        "--matcher-args", type=json.loads, default={}, help='matcher settings as JSON, e.g. \'{"loops": "glad"}\''
+    )
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch-real", type=int, default=64)
     parser.add_argument("--backbones", nargs="+", default=["convnet", "alexnet"])
