@@ -7,6 +7,7 @@ Run (model selection, on the validation split):
 Final table (test split), two distillation seeds, four backbones:
     python benchmarks/latent_prior.py --dataset retinamnist --data-dir ../shared/data --split test --seeds 0 1 \
         --rows random pixel latent slfd latent:L2 slfd:L2 --backbones convnet alexnet vgg11 resnet18 ...
+DC rows with GLaD's loops (one outer step per network): --matcher dc --matcher-args '{"loops": "glad"}'.
 Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnist.sh) with --dataset custom
 --data-dir /path/fashionmnist.npz.
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
