@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -293,7 +294,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", type=lambda s: s.split(","), default=["ref", "pixel", "latent", "slfd", "slfd+mean"])
     p.add_argument(
-        "--latent-layer", type=int, default=2, help="decoder block the latent rows distil after (the bundles': 2)"
+        "--latent-layer",
+        type=int,
+        default=inspect.signature(build_trainer).parameters["latent_layer"].default,
+        help="decoder block the latent rows distil after (default: build_trainer's, as in the bundles)",
     )
     p.add_argument("--matcher-args", type=json.loads, default={}, help="DM settings as JSON")
     p.add_argument("--trainer-args", type=json.loads, default={}, help="DistillationTrainer settings as JSON")
