@@ -1,0 +1,180 @@
+"""Time to quality: the distillation wall time each parameterisation needs to reach the validation accuracy that
+pixel DM reaches after ``--iterations`` steps.
+
+Every row is distilled with the bundle's defaults (DM, IPC 10, 64 real images per class; latent rows in decoder
+block 2 at their per-space learning rates, SLFD with its means matched beside one sample per slot). Every
+``--every`` iterations, and before the first, the current set (the means) trains ``--runs`` ConvNets for
+``--epochs`` epochs whose mean accuracy on the validation split is recorded with the seconds the iterations took so
+far (the evaluations themselves are not counted). The target is pixel DM's accuracy at ``--iterations``, averaged
+over seeds and classifiers; a row's time to quality is the first checkpoint at which its seed-averaged curve reaches
+the target, and the seconds are those of its iterations up to there (mean over seeds). Generator pretraining is a
+separate, one-off cost per dataset (see ``docs/benchmarks.md``) and is not included.
+
+Run (a PathMNIST-shaped set with real content: RetinaMNIST, 28 px RGB; validation split only):
+
+    python benchmarks/time_to_quality.py --dataset retinamnist --data-dir ../shared/data \\
+        --generator-path retina_g.pt --seeds 0 1 --out docs/speed/time_to_quality_retinamnist
+
+Any MedMNIST-layout npz works with ``--dataset custom --data-dir file.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+
+from monai_pld.data import ImageSource, load_dataset
+from monai_pld.evaluation import train_and_test
+from monai_pld.utils import derive_seed
+from monai_pld.workflows import build_trainer
+
+
+class Curve:
+    """Iteration time (only) and the validation accuracy of the current set every ``every`` iterations."""
+
+    def __init__(self, val, train, every: int, runs: int, epochs: int, seed: int) -> None:
+        self.val, self.train, self.every, self.runs, self.epochs, self.seed = val, train, every, runs, epochs, seed
+        self.seconds = 0.0
+        self.points: list[dict] = []
+        self._start = 0.0
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)  # before the evaluation below
+        engine.add_event_handler(Events.STARTED, self.evaluate)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.evaluate)
+
+    def _started(self, engine) -> None:
+        self._start = time.perf_counter()
+
+    def _completed(self, engine) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def evaluate(self, engine) -> None:
+        images, labels = engine.parameterization.render(engine.generator, mode="mean")
+        mean, std = self.train.normalization()
+        source = ImageSource(images.detach().cpu(), labels.cpu(), {"kind": "current"})
+        accs = [
+            train_and_test(
+                "convnet", source, self.val, mean, std, epochs=self.epochs, seed=derive_seed(self.seed, 100 + r)
+            )["accuracy"]
+            for r in range(self.runs)
+        ]
+        point = {"iteration": engine.state.iteration, "seconds": self.seconds, "accuracy": statistics.fmean(accs)}
+        self.points.append(point)
+        logging.getLogger("monai_pld").info(
+            f"iteration {point['iteration']}: {100 * point['accuracy']:.1f} % after {point['seconds']:.0f} s"
+        )
+
+
+def first_reaching(points: list[list[dict]], target: float) -> dict | None:
+    """The first checkpoint at which the seed-averaged accuracy reaches ``target`` (points: one curve per seed)."""
+    for checkpoint in zip(*points, strict=True):
+        accuracy = statistics.fmean(p["accuracy"] for p in checkpoint)
+        if accuracy >= target:
+            return {
+                "iteration": checkpoint[0]["iteration"],
+                "seconds": statistics.fmean(p["seconds"] for p in checkpoint),
+                "accuracy": accuracy,
+            }
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="retinamnist")
+    parser.add_argument("--data-dir", default=os.environ.get("MONAI_PLD_DATA", "../shared/data"))
+    parser.add_argument("--split", default="val", choices=["val"], help="accuracy is read on the validation split")
+    parser.add_argument("--rows", nargs="+", default=["pixel", "latent", "slfd"])
+    parser.add_argument("--iterations", type=int, default=200, help="pixel DM's budget that sets the target")
+    parser.add_argument("--max-iterations", type=int, default=400, help="the latent rows' budget")
+    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=3, help="ConvNets per checkpoint")
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--generator-path", required=True, help="a pretrained generator of this dataset")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train = load_dataset(args.dataset, "train", args.data_dir, download=False)
+    val = load_dataset(args.dataset, args.split, args.data_dir, download=False)
+    header = (
+        f"{args.dataset}: {len(train)} train / {len(val)} {args.split} images; DM, IPC 10; ConvNet x {args.runs} x "
+        f"{args.epochs} epochs per checkpoint every {args.every} iterations; seeds {args.seeds}; "
+        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({args.threads} thread(s)), load before {open('/proc/loadavg').read().split()[0]}"
+    )
+    print(header, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    curves: dict[str, list[list[dict]]] = {}
+    seconds_per_it: dict[str, float] = {}
+    for kind in args.rows:
+        curves[kind] = []
+        budget = args.iterations if kind == "pixel" else args.max_iterations
+        for seed in args.seeds:
+            curve = Curve(val, train, args.every, args.runs, args.epochs, seed)
+            trainer = build_trainer(
+                train,
+                kind,
+                "dm",
+                iterations=budget,
+                generator_path=args.generator_path,
+                generator_policy="any",
+                seed=seed,
+                device="cpu",
+                handlers=[curve],
+            )
+            trainer.run()
+            curves[kind].append(curve.points)
+            seconds_per_it.setdefault(kind, 0.0)
+            seconds_per_it[kind] += curve.seconds / budget / len(args.seeds)
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "curves": curves})
+        )
+    pixel_final = [c[-1] for c in curves["pixel"]]
+    target = statistics.fmean(p["accuracy"] for p in pixel_final)
+    pixel_seconds = statistics.fmean(p["seconds"] for p in pixel_final)
+    lines = [
+        header,
+        f"\ntarget: pixel DM's validation accuracy after {args.iterations} iterations, {100 * target:.1f} % "
+        f"({pixel_seconds:.0f} s of iterations)\n",
+        "| row | s / it | iterations to the target | seconds to the target | against pixel's "
+        f"{args.iterations} iterations | accuracy there (%) | best accuracy on the curve (%) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, points in curves.items():
+        reached = first_reaching(points, target)
+        averaged = [statistics.fmean(p["accuracy"] for p in c) for c in zip(*points, strict=True)]
+        best = f"{100 * max(averaged):.1f}"
+        if reached is None:
+            lines.append(
+                f"| {kind} | {seconds_per_it[kind]:.2f} | not within {len(points[0]) - 1} checkpoints | | | | {best} |"
+            )
+        else:
+            lines.append(
+                f"| {kind} | {seconds_per_it[kind]:.2f} | {reached['iteration']} | {reached['seconds']:.0f} | "
+                f"{reached['seconds'] / pixel_seconds:.2f}x | {100 * reached['accuracy']:.1f} | {best} |"
+            )
+    lines.append("\ncurves (seed-averaged accuracy % at iteration):")
+    for kind, points in curves.items():
+        averaged = [(c[0]["iteration"], statistics.fmean(p["accuracy"] for p in c)) for c in zip(*points, strict=True)]
+        lines.append(f"* {kind}: " + ", ".join(f"{i}: {100 * a:.1f}" for i, a in averaged))
+    text = "\n".join(lines)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
