@@ -9,7 +9,8 @@ Final table (test split), two distillation seeds, four backbones:
         --rows random pixel latent slfd latent:L2 slfd:L2 --backbones convnet alexnet vgg11 resnet18 ...
 DC rows with GLaD's loops (one outer step per network): --matcher dc --matcher-args '{"loops": "glad"}'.
 Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnist.sh) with --dataset custom
---data-dir /path/fashionmnist.npz.
+--data-dir /path/fashionmnist.npz; a small archive (its generator pretrained on it alone) the same way, from
+python benchmarks/small_archive_npz.py ../shared/data/retinamnist.npz retina600.npz --n 600.
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
 A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:resample]``: ``kind`` is random, full, pixel, latent or
@@ -196,7 +197,13 @@ def main() -> None:
     parser.add_argument("--generator-path", default=None, help="default generators/<dataset>_<size>px_autoencoderkl.pt")
     parser.add_argument("--generator-any", action="store_true", help="use --generator-path whatever made it")
     parser.add_argument("--generator-steps", type=int, default=None, help="default: the bundle's")
-    parser.add_argument("--max-train", type=int, default=None, help="keep this many training images (stratified)")
+    parser.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="distil from this many training images (stratified); a generator pretrained here still sees the whole "
+        "split: for a small archive write it with benchmarks/small_archive_npz.py and use --dataset custom",
+    )
     parser.add_argument(
         "--sets", default="results/latent_prior_sets", help="folder where distilled sets are kept and reused"
     )

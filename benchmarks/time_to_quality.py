@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--generator-path", required=True, help="a pretrained generator of this dataset")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--curves-from", type=Path, default=None, help="an earlier run's JSON: its rows are reused, not run again"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -120,9 +123,14 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[list[dict]]] = {}
     seconds_per_it: dict[str, float] = {}
+    earlier = json.loads(args.curves_from.read_text())["curves"] if args.curves_from else {}
     for kind in args.rows:
-        curves[kind] = []
         budget = args.iterations if kind == "pixel" else args.max_iterations
+        if kind in earlier:
+            curves[kind] = earlier[kind]
+            seconds_per_it[kind] = statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in curves[kind])
+            continue
+        curves[kind] = []
         for seed in args.seeds:
             curve = Curve(val, train, args.every, args.runs, args.epochs, seed)
             trainer = build_trainer(
