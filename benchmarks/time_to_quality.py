@@ -122,13 +122,11 @@ def main() -> None:
     print(header, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[list[dict]]] = {}
-    seconds_per_it: dict[str, float] = {}
     earlier = json.loads(args.curves_from.read_text())["curves"] if args.curves_from else {}
     for kind in args.rows:
         budget = args.iterations if kind == "pixel" else args.max_iterations
         if kind in earlier:
             curves[kind] = earlier[kind]
-            seconds_per_it[kind] = statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in curves[kind])
             continue
         curves[kind] = []
         for seed in args.seeds:
@@ -146,11 +144,11 @@ def main() -> None:
             )
             trainer.run()
             curves[kind].append(curve.points)
-            seconds_per_it.setdefault(kind, 0.0)
-            seconds_per_it[kind] += curve.seconds / budget / len(args.seeds)
         args.out.with_suffix(".json").write_text(
             json.dumps({"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "curves": curves})
         )
+    # seconds of iterations per iteration, from each curve's last checkpoint (the run's end)
+    seconds_per_it = {k: statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in v) for k, v in curves.items()}
     pixel_final = [c[-1] for c in curves["pixel"]]
     target = statistics.fmean(p["accuracy"] for p in pixel_final)
     pixel_seconds = statistics.fmean(p["seconds"] for p in pixel_final)
