@@ -77,7 +77,7 @@ def test_resume_continues_an_interrupted_run(finished_run):
     # Reuses the generator pretrained by the first run; 2 iterations, then 2 more after "--resume true", against
     # the finished run's 4 uninterrupted iterations with the same settings.
     part = tmp / "part"
-    run_bundle(tmp, data, *TINY, "--output_dir", part, "--iterations", 2, "--run_name", "part")
+    run_bundle_here(tmp, data, *TINY, "--output_dir", part, "--iterations", 2, "--run_name", "part")  # in-process
     resumed = run_bundle(
         tmp, data, *TINY, "--output_dir", part, "--iterations", 4, "--resume", "true", "--run_name", "part"
     )

@@ -297,8 +297,6 @@ def test_export_bundle_end_to_end(run):
     loaded = load_distilled(path)
     assert loaded.manifest["privacy_audit"]["performed"] and len(loaded.images) == 18
     assert {"privacy/audit.json", "privacy/closest_pairs.png"} <= set(loaded.manifest["files"])
-    again = run_bundle(tmp, data, "--distilled", out, "--zip", "true", config=EXPORT, check=False)
-    assert again.returncode != 0 and "exists" in again.stdout + again.stderr
 
 
 @pytest.mark.slow
@@ -355,10 +353,12 @@ def test_pixel_package_renders_without_shipping_a_generator(tmp_path):
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_a_package_whole(run, tmp_path):
+def test_a_package_is_replaced_only_when_asked_and_then_whole(run, tmp_path):
     _, _, out = run
     target = export_package(out, tmp_path / "pkg", audit=False, nifti=False)
     (target / "stale.txt").write_text("left from before")  # would make the package fail verification
+    with pytest.raises(PackageError, match="exists"):  # never replaced unless asked
+        export_package(out, target, audit=False)
     export_package(out, target, audit=False, overwrite=True)
     assert load_distilled(target).manifest["files"].keys() >= {"nifti/class_00_adipose.nii.gz"}
     assert not (target / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
