@@ -15,12 +15,15 @@ Run (a PathMNIST-shaped set with real content: RetinaMNIST, 28 px RGB; validatio
     python benchmarks/time_to_quality.py --dataset retinamnist --data-dir ../shared/data \\
         --generator-path retina_g.pt --seeds 0 1 --out docs/speed/time_to_quality_retinamnist
 
-Any MedMNIST-layout npz works with ``--dataset custom --data-dir file.npz``.
+Any MedMNIST-layout npz works with ``--dataset custom --data-dir file.npz``. Curves can come from several runs
+(e.g. one process per row, or a run stopped and continued): ``--curves-from a.json b.json`` reuses every
+(row, seed) curve those files hold and runs only the missing ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import logging
@@ -90,6 +93,21 @@ def first_reaching(points: list[list[dict]], target: float) -> dict | None:
     return None
 
 
+def earlier_curves(paths: list[Path]) -> tuple[dict[tuple[str, int], list[dict]], list[str]]:
+    """The curves of earlier runs by (row, seed), and their notes. A file without ``curve_seeds`` (written before
+    they were kept) holds, per row, the first seeds of its ``--seeds`` in order."""
+    found: dict[tuple[str, int], list[dict]] = {}
+    notes: list[str] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        notes += data.get("notes", []) + ([data["note"]] if "note" in data else [])
+        listed = ast.literal_eval(data["args"]["seeds"])
+        for kind, points in data["curves"].items():
+            seeds = data.get("curve_seeds", {}).get(kind, listed[: len(points)])
+            found.update({(kind, seed): curve for seed, curve in zip(seeds, points, strict=True)})
+    return found, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="retinamnist")
@@ -106,7 +124,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
-        "--curves-from", type=Path, default=None, help="an earlier run's JSON: its rows are reused, not run again"
+        "--curves-from",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier runs' JSON files: the (row, seed) curves they hold are reused, not run again",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,32 +143,34 @@ def main() -> None:
     )
     print(header, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    curves: dict[str, list[list[dict]]] = {}
-    earlier = json.loads(args.curves_from.read_text())["curves"] if args.curves_from else {}
+    earlier, notes = earlier_curves(args.curves_from)
+    curves: dict[str, list[list[dict]]] = {}  # per row, one curve per seed of curve_seeds[row]
+    curve_seeds: dict[str, list[int]] = {}
     for kind in args.rows:
         budget = args.iterations if kind == "pixel" else args.max_iterations
-        if kind in earlier:
-            curves[kind] = earlier[kind]
-            continue
-        curves[kind] = []
+        curves[kind], curve_seeds[kind] = [], []
         for seed in args.seeds:
-            curve = Curve(val, train, args.every, args.runs, args.epochs, seed)
-            trainer = build_trainer(
-                train,
-                kind,
-                "dm",
-                iterations=budget,
-                generator_path=args.generator_path,
-                generator_policy="any",
-                seed=seed,
-                device="cpu",
-                handlers=[curve],
-            )
-            trainer.run()
-            curves[kind].append(curve.points)
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"header": header, "args": {k: str(v) for k, v in vars(args).items()}, "curves": curves})
-        )
+            points = earlier.get((kind, seed))
+            if points is None:
+                curve = Curve(val, train, args.every, args.runs, args.epochs, seed)
+                trainer = build_trainer(
+                    train,
+                    kind,
+                    "dm",
+                    iterations=budget,
+                    generator_path=args.generator_path,
+                    generator_policy="any",
+                    seed=seed,
+                    device="cpu",
+                    handlers=[curve],
+                )
+                trainer.run()
+                points = curve.points
+            curves[kind].append(points)
+            curve_seeds[kind].append(seed)
+            record = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
+            record.update(curves=curves, curve_seeds=curve_seeds, notes=notes)
+            args.out.with_suffix(".json").write_text(json.dumps(record))  # after every curve: nothing finished lost
     # seconds of iterations per iteration, from each curve's last checkpoint (the run's end)
     seconds_per_it = {k: statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in v) for k, v in curves.items()}
     pixel_final = [c[-1] for c in curves["pixel"]]
@@ -177,6 +201,8 @@ def main() -> None:
     for kind, points in curves.items():
         averaged = [(c[0]["iteration"], statistics.fmean(p["accuracy"] for p in c)) for c in zip(*points, strict=True)]
         lines.append(f"* {kind}: " + ", ".join(f"{i}: {100 * a:.1f}" for i, a in averaged))
+        for seed, curve in zip(curve_seeds[kind], points, strict=True):
+            lines.append(f"  * seed {seed}: " + ", ".join(f"{100 * p['accuracy']:.1f}" for p in curve))
     text = "\n".join(lines)
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)
