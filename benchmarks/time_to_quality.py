@@ -130,7 +130,14 @@ def main() -> None:
         default=[],
         help="earlier runs' JSON files: the (row, seed) curves they hold are reused, not run again",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: merge and report the --curves-from files, leaving out (row, seed) pairs they lack",
+    )
     args = parser.parse_args()
+    if args.report and not args.curves_from:
+        parser.error("--report needs --curves-from")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train = load_dataset(args.dataset, "train", args.data_dir, download=False)
@@ -141,6 +148,8 @@ def main() -> None:
         f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({args.threads} thread(s)), load before {open('/proc/loadavg').read().split()[0]}"
     )
+    if args.report:
+        header = f"{header.split('; seeds')[0]}; merged from {', '.join(str(p) for p in args.curves_from)}"
     print(header, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     earlier, notes = earlier_curves(args.curves_from)
@@ -151,6 +160,8 @@ def main() -> None:
         curves[kind], curve_seeds[kind] = [], []
         for seed in args.seeds:
             points = earlier.get((kind, seed))
+            if points is None and args.report:
+                continue
             if points is None:
                 curve = Curve(val, train, args.every, args.runs, args.epochs, seed)
                 trainer = build_trainer(
@@ -171,6 +182,7 @@ def main() -> None:
             record = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
             record.update(curves=curves, curve_seeds=curve_seeds, notes=notes)
             args.out.with_suffix(".json").write_text(json.dumps(record))  # after every curve: nothing finished lost
+    curves = {kind: points for kind, points in curves.items() if points}
     # seconds of iterations per iteration, from each curve's last checkpoint (the run's end)
     seconds_per_it = {k: statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in v) for k, v in curves.items()}
     pixel_final = [c[-1] for c in curves["pixel"]]
