@@ -105,7 +105,7 @@ def earlier_curves(paths: list[Path]) -> tuple[dict[tuple[str, int], list[dict]]
         for kind, points in data["curves"].items():
             seeds = data.get("curve_seeds", {}).get(kind, listed[: len(points)])
             found.update({(kind, seed): curve for seed, curve in zip(seeds, points, strict=True)})
-    return found, notes
+    return found, list(dict.fromkeys(notes))  # a note carried through several merges is kept once
 
 
 def main() -> None:
