@@ -23,7 +23,6 @@ Any MedMNIST-layout npz works with ``--dataset custom --data-dir file.npz``. Cur
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import json
 import logging
@@ -94,16 +93,14 @@ def first_reaching(points: list[list[dict]], target: float) -> dict | None:
 
 
 def earlier_curves(paths: list[Path]) -> tuple[dict[tuple[str, int], list[dict]], list[str]]:
-    """The curves of earlier runs by (row, seed), and their notes. A file without ``curve_seeds`` (written before
-    they were kept) holds, per row, the first seeds of its ``--seeds`` in order."""
+    """The curves of earlier runs by (row, seed), and their notes."""
     found: dict[tuple[str, int], list[dict]] = {}
     notes: list[str] = []
     for path in paths:
         data = json.loads(path.read_text())
-        notes += data.get("notes", []) + ([data["note"]] if "note" in data else [])
-        listed = ast.literal_eval(data["args"]["seeds"])
+        notes += data.get("notes", [])
         for kind, points in data["curves"].items():
-            seeds = data.get("curve_seeds", {}).get(kind, listed[: len(points)])
+            seeds = data["curve_seeds"][kind]
             found.update({(kind, seed): curve for seed, curve in zip(seeds, points, strict=True)})
     return found, list(dict.fromkeys(notes))  # a note carried through several merges is kept once
 
@@ -144,12 +141,15 @@ def main() -> None:
     val = load_dataset(args.dataset, args.split, args.data_dir, download=False)
     header = (
         f"{args.dataset}: {len(train)} train / {len(val)} {args.split} images; DM, IPC 10; ConvNet x {args.runs} x "
-        f"{args.epochs} epochs per checkpoint every {args.every} iterations; seeds {args.seeds}; "
-        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({args.threads} thread(s)), load before {open('/proc/loadavg').read().split()[0]}"
+        f"{args.epochs} epochs per checkpoint every {args.every} iterations; "
     )
     if args.report:
-        header = f"{header.split('; seeds')[0]}; merged from {', '.join(str(p) for p in args.curves_from)}"
+        header += f"merged from {', '.join(str(p) for p in args.curves_from)}"
+    else:
+        header += (
+            f"seeds {args.seeds}; {datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, torch "
+            f"{torch.__version__} ({args.threads} thread(s)), load before {open('/proc/loadavg').read().split()[0]}"
+        )
     print(header, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     earlier, notes = earlier_curves(args.curves_from)

@@ -155,7 +155,13 @@ def run_bundle_here(tmp_path, data_dir, *overrides, config=TRAIN, tracking=None)
     }
     # the command line hands every value to the bundle parsed as Python literals (fire); so does this
     settings.update({str(k)[2:]: _literal(v) for k, v in zip(pairs[::2], pairs[1::2], strict=True)})
-    with contextlib.chdir(REPO):  # the bundles pull the shared workflow in with root-relative macros
+    run_workflow(config, tracking=tracking, **settings)
+
+
+def run_workflow(config, tracking=None, **settings):
+    """MONAI's ``ConfigWorkflow`` of ``config`` with ``settings`` as overrides, initialised, run and finalised in
+    this process from the repository root (the bundles pull the shared workflow in with root-relative macros)."""
+    with contextlib.chdir(REPO):
         workflow = ConfigWorkflow(
             config_file=str(config), workflow_type="train", logging_file=False, tracking=tracking, **settings
         )
@@ -215,8 +221,8 @@ def new_in_checkout(before):
 
 
 def run_evaluation_bundle(tmp_path, **overrides):
-    """Run ``bundles/pathmnist/evaluate.yaml`` in this process from the repository root (as the bundles' macros
-    require; the caller chdirs there) on a small PathMNIST-layout file, with its MLflow store in ``tmp_path``.
+    """Run ``bundles/pathmnist/evaluate.yaml`` in this process from the repository root (:func:`run_workflow`) on a
+    small PathMNIST-layout file, with its MLflow store in ``tmp_path``.
     ``overrides`` replace or add bundle keys. Returns the output folder."""
     data = tmp_path / "data"
     n_per_split = overrides.pop("n_per_split", {"train": 72, "val": 18, "test": 36})
@@ -230,15 +236,7 @@ def run_evaluation_bundle(tmp_path, **overrides):
         "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
         **overrides,
     }
-    workflow = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / "pathmnist" / "evaluate.yaml"),
-        workflow_type="train",
-        logging_file=False,
-        **settings,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow(REPO / "bundles" / "pathmnist" / "evaluate.yaml", **settings)
     return Path(settings["output_dir"])
 
 
