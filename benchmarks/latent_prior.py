@@ -13,9 +13,10 @@ Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnis
 python benchmarks/small_archive_npz.py ../shared/data/retinamnist.npz retina600.npz --n 600.
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
-A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:resample]``: ``kind`` is random, full, pixel, latent or
+A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:u][:resample]``: ``kind`` is random, full, pixel, latent or
 slfd; ``L2`` distils into the feature map after decoder block 2 instead of the bottleneck; ``lr=`` overrides the
-per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even); ``resample`` evaluates
+per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even, unless ``u``); ``u``
+uses DM's unbiased estimator (two independent halves of the samples, so ``s=`` must be even); ``resample`` evaluates
 SLFD with fresh samples every epoch instead of its means. Every row of one seed starts from the same seeded real
 images and is distilled for ``--iterations`` steps with the bundle's defaults for everything not named.
 """
@@ -49,6 +50,7 @@ def parse_row(spec: str) -> dict:
     """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
     kind, *options = spec.split(":")
     row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
+    row["unbiased"] = False
     for option in options:
         if option.startswith("L"):
             row["latent_layer"] = int(option[1:])
@@ -58,6 +60,8 @@ def parse_row(spec: str) -> dict:
             row["samples"] = int(option[2:])
         elif option == "resample":
             row["mode"] = "resample"
+        elif option == "u":
+            row["unbiased"] = True
         else:
             raise ValueError(f"unknown row option {option!r} in {spec!r}")
     return row
@@ -76,11 +80,11 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         latent_layer=row["latent_layer"],
         lr_codes=row["lr_codes"],
         samples_per_slot=row["samples"],
-        antithetic=row["samples"] % 2 == 0,
+        antithetic=row["samples"] % 2 == 0 and not row["unbiased"],
         batch_real_per_class=args.batch_real,
         seed=seed,
         device="cpu",
-        matcher_args=args.matcher_args,
+        matcher_args={**args.matcher_args, "estimator": "unbiased"} if row["unbiased"] else args.matcher_args,
         pretrain={
             "dataset_flag": args.dataset,
             "dataset_dir": args.data_dir,
@@ -102,7 +106,7 @@ def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
     """Distil a row, or read it back from ``--sets`` when an earlier run (e.g. the validation-split selection) wrote
     it with the same settings: the distilled set does not depend on the split it is later tested on."""
     name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
-    name += f"_it{args.iterations}_{Path(args.generator_path).stem}"
+    name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
     folder = Path(args.sets) / name

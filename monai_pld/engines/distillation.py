@@ -113,6 +113,16 @@ class DistillationTrainer(Trainer):
         self.samples_per_slot = int(samples_per_slot)
         self.antithetic = bool(antithetic)
         self.include_mean = bool(include_mean) and bool(getattr(parameterization, "stochastic", False))
+        # a matcher with the unbiased estimator compares two independent halves of each slot's samples (DM)
+        self.paired = getattr(matcher, "estimator", None) == "unbiased" and bool(
+            getattr(parameterization, "stochastic", False)
+        )
+        if self.paired and (self.samples_per_slot % 2 or self.antithetic):
+            raise ValueError(
+                "the unbiased estimator compares two independent halves of each slot's samples: it needs an even "
+                f"'samples_per_slot' (got {self.samples_per_slot}) and antithetic off (got {self.antithetic}); "
+                "e.g. samples_per_slot 2, antithetic false"
+            )
         self.kl_weight = float(kl_weight)
         if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, int) or decode_chunk < 0:
             raise ValueError(
@@ -247,16 +257,17 @@ class DistillationTrainer(Trainer):
             if own is not None:
                 real_images, real_labels = real_images[self._real_share], real_labels[self._real_share]
             syn_images = self.decode(latents)
+            grouping = {"syn_groups": self._groups(len(syn_labels), syn_labels.device)} if self.paired else {}
             if self.class_split == "terms":
                 match_loss = self.matcher.loss(
                     syn_images, syn_labels, real_images, real_labels, step, classes=self.own_classes.tolist()
                 )
             elif self.class_split == "samples":
                 match_loss = self.matcher.loss(
-                    syn_images, syn_labels, real_images, real_labels, step, across_ranks=True
+                    syn_images, syn_labels, real_images, real_labels, step, across_ranks=True, **grouping
                 )
             else:
-                match_loss = self.matcher.loss(syn_images, syn_labels, real_images, real_labels, step)
+                match_loss = self.matcher.loss(syn_images, syn_labels, real_images, real_labels, step, **grouping)
             loss = match_loss
             kl = torch.zeros((), device=device)
             if self.kl_weight > 0 and (self.class_split is None or self.rank == 0):  # counted once
@@ -279,6 +290,15 @@ class DistillationTrainer(Trainer):
                     self._non_finite(values[0], step)
             self.optimizer.step()
         return values
+
+    def _groups(self, num_images: int, device: torch.device) -> torch.Tensor:
+        """Half of every synthetic image: the samples are sample-major, so samples ``0 .. S/2-1`` of every slot
+        form half 0 and the rest half 1; the means, first when matched, belong to both (2)."""
+        num_samples = self.samples_per_slot
+        num_means = num_images // (num_samples + 1) if self.include_mean else 0
+        per_sample = (num_images - num_means) // num_samples
+        halves = (torch.arange(num_samples, device=device) >= num_samples // 2).long().repeat_interleave(per_sample)
+        return torch.cat([torch.full((num_means,), 2, dtype=torch.long, device=device), halves])
 
     @staticmethod
     def _non_finite(value: float, step: int) -> None:

@@ -19,6 +19,7 @@ from monai_pld.utils import derive_seed
 __all__ = ["DistributionMatcher"]
 
 _REAL_DTYPES = ("float32", "bfloat16")
+ESTIMATORS = ("pooled", "unbiased")
 
 
 # compiled embeddings by architecture and device; module level, so no template network enters a state_dict
@@ -73,6 +74,13 @@ class DistributionMatcher(Matcher):
             as inputs so that one compiled graph serves every step. The first step takes a while longer (about 30 s
             per graph on a CPU, and a C++ compiler must be installed); later steps embed the real images about a
             third faster on the CPUs measured, so it pays on long runs.
+        estimator: ``"pooled"`` (default): each class's synthetic mean is taken over all its images, the reference's
+            loss. ``"unbiased"``: for samples of a distribution, which come in two independent halves (``syn_groups``
+            of :meth:`loss`), the loss is ``sum_c <r_c - a_c, r_c - b_c>`` with ``a_c``, ``b_c`` the two halves'
+            class means and ``r_c`` the real one. Its expectation is the squared distance between the real mean and
+            the *expected* synthetic mean, so the spread of the samples is not penalised; the pooled loss adds the
+            variance of the synthetic mean, which pushes every slot's distribution towards a point. Without groups
+            (deterministic sets) both estimators are the pooled loss.
 
     Raises:
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
@@ -93,8 +101,12 @@ class DistributionMatcher(Matcher):
         real_dtype: str = "float32",
         channels_last: bool = False,
         compile: bool = False,
+        estimator: str = "pooled",
     ) -> None:
         super().__init__(in_channels, num_classes, image_size, mean, std, seed)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"DM estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+        self.estimator = estimator
         self.augment = DiffSiameseAugment(dsa_strategy) if dsa_strategy else None
         self.embedder_name = embedder
         self.embedder_kwargs = dict(embedder_kwargs or {})
@@ -132,6 +144,7 @@ class DistributionMatcher(Matcher):
             "real_dtype": self.real_dtype,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "estimator": self.estimator,
         }
 
     def _compiled_embed(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -213,6 +226,7 @@ class DistributionMatcher(Matcher):
         real_labels: torch.Tensor,
         step: int,
         across_ranks: bool = False,
+        syn_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DM loss of one step; classes missing from either set contribute nothing.
 
@@ -225,14 +239,24 @@ class DistributionMatcher(Matcher):
             across_ranks: the images are this rank's share of the step's images (under ``torchrun``): the per-class
                 sums and counts are summed over the ranks before the means are compared, so every rank gets the
                 loss of the whole step, and the gradient of its own synthetic images in it.
+            syn_groups: for ``estimator="unbiased"``: ``(M,)`` integers, 0 or 1 for the two independent halves of
+                the samples, 2 for images in both (e.g. the slots' means); ignored by the pooled estimator.
 
         Returns:
             Scalar loss, differentiable with respect to ``syn_images``.
 
         Raises:
-            ValueError: for images or labels of the wrong shape, dtype, device or label range.
+            ValueError: for images, labels or groups of the wrong shape, dtype, device or range.
         """
         self.check_sets(syn_images, syn_labels, real_images, real_labels)
+        paired = self.estimator == "unbiased" and syn_groups is not None
+        if paired and (
+            tuple(syn_groups.shape) != (len(syn_images),) or not bool(((syn_groups >= 0) & (syn_groups <= 2)).all())
+        ):
+            raise ValueError(
+                f"syn_groups must hold one value in {{0, 1, 2}} per synthetic image ({len(syn_images)}), "
+                f"got shape {tuple(syn_groups.shape)}"
+            )
         syn_labels, real_labels = syn_labels.long(), real_labels.long()
         net = self.build_embedder(step, syn_images.device)
         dsa_seed = derive_seed(self.seed, step, _AUGMENT_STREAM)
@@ -246,10 +270,21 @@ class DistributionMatcher(Matcher):
         syn = self.normalize(syn_images)
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
-        syn_sum, syn_count = self._class_sums(self._embed(net, syn), syn_labels)
+        syn_features = self._embed(net, syn)
+        if not paired:
+            halves = [self._class_sums(syn_features, syn_labels)]
+        else:
+            picks = [(syn_groups == half) | (syn_groups == 2) for half in (0, 1)]
+            halves = [self._class_sums(syn_features[pick], syn_labels[pick]) for pick in picks]
         if across_ranks:
-            real_sum, real_count, syn_sum, syn_count = self._over_ranks(real_sum, real_count, syn_sum, syn_count)
+            reduced = [self._over_ranks(real_sum, real_count, *half) for half in halves]
+            real_sum, real_count = reduced[0][:2]
+            halves = [r[2:] for r in reduced]
         real_mean = real_sum / real_count.clamp_min(1).unsqueeze(1).to(real_sum.dtype)
-        syn_mean = syn_sum / syn_count.clamp_min(1).unsqueeze(1).to(syn_sum.dtype)
-        present = ((real_count > 0) & (syn_count > 0)).to(syn_mean.dtype)
-        return ((real_mean - syn_mean).pow(2).sum(1) * present).sum()
+        present = real_count > 0
+        residuals = []
+        for syn_sum, syn_count in halves:
+            residuals.append(real_mean - syn_sum / syn_count.clamp_min(1).unsqueeze(1).to(syn_sum.dtype))
+            present = present & (syn_count > 0)
+        # pooled: |r - s|^2; unbiased: <r - a, r - b>, whose expectation over independent halves is |r - E s|^2
+        return ((residuals[0] * residuals[-1]).sum(1) * present.to(real_mean.dtype)).sum()

@@ -12,6 +12,7 @@ from monai_pld.evaluation import PROTOCOLS
 from monai_pld.formats.distilled import read_distilled_folder
 from monai_pld.formats.experts import TRAIN_EXPERTS_COMMAND
 from monai_pld.formats.package import PackageError
+from monai_pld.matching.distribution import ESTIMATORS
 from monai_pld.networks.classifiers import CLASSIFIERS
 from monai_pld.utils import (
     BASELINES,
@@ -58,6 +59,7 @@ def check_distillation_config(
     data_options: Any = None,
     latent_layer: Any = 0,
     include_mean: Any = True,
+    dm_estimator: Any = "pooled",
     optimizer: Any = "adam",
     momentum: Any = 0.5,
     generator: Any = None,
@@ -141,6 +143,15 @@ def check_distillation_config(
     antithetic = as_bool(antithetic, "antithetic")
     if antithetic and samples_per_slot % 2:
         raise ConfigError(f"'samples_per_slot' must be even with antithetic sampling, got {samples_per_slot}")
+    if dm_estimator not in ESTIMATORS:
+        raise ConfigError(f"'dm_estimator' must be one of {list(ESTIMATORS)}, got {dm_estimator!r}")
+    if dm_estimator == "unbiased" and matcher == "dm" and parameterization == "slfd":
+        if samples_per_slot % 2 or antithetic:
+            raise ConfigError(
+                "'dm_estimator' unbiased compares two independent halves of each slot's samples: it needs an even "
+                f"'samples_per_slot' (got {samples_per_slot}) and 'antithetic' false (got {antithetic}); "
+                "e.g. --samples_per_slot 2 --antithetic false"
+            )
     return {
         "resume": as_bool(resume, "resume"),
         "download": as_bool(download, "download"),

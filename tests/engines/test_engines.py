@@ -1,5 +1,6 @@
 """DistillationTrainer and generator pretraining, run for real on tiny synthetic data."""
 
+import math
 import os
 
 import numpy as np
@@ -24,7 +25,9 @@ def tiny(tmp_path_factory):
     return folder, load_medmnist("pathmnist", "train", folder, download=False)
 
 
-def _trainer(data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, include_mean=False, **kwargs):
+def _trainer(
+    data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, include_mean=False, matcher_args=None, **kwargs
+):
     torch.manual_seed(0)  # the untrained generator's weights
     generator = AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).freeze()
     return build_trainer(
@@ -41,7 +44,7 @@ def _trainer(data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, inc
         lr_codes=0.01,
         lr_network=0.001,
         batch_real_per_class=4,
-        matcher_args={"embedder_kwargs": {"width": 16}},
+        matcher_args={"embedder_kwargs": {"width": 16}, **(matcher_args or {})},
         device="cpu",
         **kwargs,
     )
@@ -272,6 +275,43 @@ def test_include_mean_matches_each_slot_mean_besides_its_samples(tiny):
     trainer.matcher = Recording(trainer.matcher)
     trainer.run()
     assert len(seen[0][0]) == trainer.parameterization.num_slots
+
+
+def test_unbiased_estimator_gets_two_independent_halves_of_the_samples(tiny):
+    seen = []
+
+    class Recording(torch.nn.Module):
+        """Wraps the real DM matcher and keeps the groups it was given."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def loss(self, syn_images, syn_labels, real_images, real_labels, step, syn_groups=None):
+            seen.append((syn_images.detach().clone(), syn_groups))
+            return self.inner.loss(syn_images, syn_labels, real_images, real_labels, step, syn_groups=syn_groups)
+
+    unbiased = {"estimator": "unbiased"}
+    trainer = _trainer(tiny[1], iterations=2, include_mean=True, samples_per_slot=2, matcher_args=unbiased)
+    before = trainer.parameterization.codes.detach().clone()
+    trainer.matcher = Recording(trainer.matcher)
+    trainer.run()
+    n = trainer.parameterization.num_slots
+    images, groups = seen[0]
+    assert groups.tolist() == [2] * n + [0] * n + [1] * n  # the means in both halves, then sample 0, sample 1
+    assert not torch.allclose(images[n : 2 * n], images[2 * n :])  # two draws, not one
+    assert math.isfinite(trainer.state.output[0]["loss"])
+    assert not torch.equal(trainer.parameterization.codes, before)
+    # an odd number of samples, or antithetic pairs (which are not independent), cannot be split in two halves
+    for bad in ({"samples_per_slot": 1}, {"samples_per_slot": 2, "antithetic": True}):
+        with pytest.raises(ValueError, match="two independent halves"):
+            _trainer(tiny[1], iterations=1, matcher_args=unbiased, **bad)
+    # deterministic codes have no samples to split: the pooled loss, one image per slot
+    seen.clear()
+    trainer = _trainer(tiny[1], kind="latent", iterations=1, matcher_args=unbiased)
+    trainer.matcher = Recording(trainer.matcher)
+    trainer.run()
+    assert seen[0][1] is None and len(seen[0][0]) == trainer.parameterization.num_slots
 
 
 @pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])

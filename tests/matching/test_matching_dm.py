@@ -147,3 +147,47 @@ def test_normalize_uses_per_channel_statistics():
     out = m.normalize(torch.full((1, 3, 2, 2), 0.6))
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([1.0, 1.6, 0.3]))
     assert m.mean.shape == (1, 3, 1, 1) and "mean" not in m.state_dict()
+
+
+def test_unbiased_estimator_is_the_pooled_loss_minus_the_spread_of_the_halves():
+    # with halves a, b of equal size, |r - (a+b)/2|^2 - <r - a, r - b> = |a - b|^2 / 4 per class
+    real, labels = _toy()
+    syn_a, _ = _toy(seed=9)
+    syn_b, _ = _toy(seed=10)
+    syn, syn_labels = torch.cat([syn_a, syn_b]), labels.repeat(2)
+    groups = torch.arange(2).repeat_interleave(len(labels))
+    pooled = _matcher(dsa_strategy=None).loss(syn, syn_labels, real, labels, 2)
+    m = _matcher(dsa_strategy=None, estimator="unbiased")
+    unbiased = m.loss(syn, syn_labels, real, labels, 2, syn_groups=groups)
+    net = m.build_embedder(2, CPU)
+    fa, fb = net.embed(m.normalize(syn_a)), net.embed(m.normalize(syn_b))
+    spread = sum((fa[labels == c].mean(0) - fb[labels == c].mean(0)).pow(2).sum() for c in range(3)) / 4
+    assert spread.item() > 1e-4
+    torch.testing.assert_close(pooled - unbiased, spread, rtol=1e-3, atol=1e-6)
+    # without groups (a deterministic set) it is the pooled loss
+    assert torch.equal(m.loss(syn, syn_labels, real, labels, 2), pooled)
+
+
+def test_unbiased_estimator_counts_shared_images_in_both_halves():
+    real, labels = _toy()
+    means, _ = _toy(seed=9)
+    m = _matcher(dsa_strategy=None, estimator="unbiased")
+    # the means in both halves and no samples: both halves are the means, so the loss is the pooled one
+    shared = torch.full((len(means),), 2)
+    pooled = _matcher(dsa_strategy=None).loss(means, labels, real, labels, 1)
+    torch.testing.assert_close(m.loss(means, labels, real, labels, 1, syn_groups=shared), pooled)
+    # identical halves around the means: no spread, so again the pooled loss of the images
+    syn = torch.cat([means, means, means])
+    groups = torch.cat([shared, torch.zeros_like(shared), torch.ones_like(shared)])
+    torch.testing.assert_close(m.loss(syn, labels.repeat(3), real, labels, 1, syn_groups=groups), pooled)
+
+
+def test_unbiased_estimator_bad_values():
+    real, labels = _toy()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        _matcher(estimator="median")
+    m = _matcher(estimator="unbiased")
+    with pytest.raises(ValueError, match="syn_groups must hold one value in"):
+        m.loss(real, labels, real, labels, 0, syn_groups=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="syn_groups must hold one value in"):
+        m.loss(real, labels, real, labels, 0, syn_groups=torch.full((len(labels),), 3))

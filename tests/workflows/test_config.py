@@ -181,3 +181,15 @@ def test_mtt_without_experts_stops_before_any_work_with_the_command(tmp_path):
     (tmp_path / "experts" / "expert_000.pt").write_bytes(b"")  # its contents are checked when the matcher reads it
     assert check_distillation_config(**{**GOOD, "matcher": "mtt"}, expert_dir=tmp_path / "experts")["resume"] is False
     assert check_distillation_config(**GOOD, expert_dir=tmp_path / "none")["resume"] is False  # only MTT needs them
+
+
+def test_dm_estimator_values():
+    with pytest.raises(ConfigError, match="'dm_estimator' must be one of"):
+        check_distillation_config(**GOOD, dm_estimator="median")
+    for bad in ({"samples_per_slot": 1}, {"samples_per_slot": 2, "antithetic": True}):
+        with pytest.raises(ConfigError, match="'dm_estimator' unbiased .* even 'samples_per_slot'"):
+            check_distillation_config(**GOOD, dm_estimator="unbiased", **bad)
+    check_distillation_config(**GOOD, dm_estimator="unbiased", samples_per_slot=2)
+    # nothing to split for deterministic rows or other matchers
+    check_distillation_config(**{**GOOD, "parameterization": "latent"}, dm_estimator="unbiased")
+    check_distillation_config(**{**GOOD, "matcher": "dc"}, dm_estimator="unbiased")
