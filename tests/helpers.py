@@ -371,10 +371,11 @@ def distributed_scenarios(data_dir, out_dir, generator_path):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     distil_tiny(data_dir, out / "dm_pixel.pt", "pixel", "dm")
-    # kl_weight 0.01 happens to put one activation of this tiny run within rounding of a ReLU's kink at iteration 2,
-    # where one process with 1 and with 2 threads already differ by 1 %: a weight away from that coincidence
+    # kl_weight 0.01 (and 0.1, once the means and samples shared one pass of the slot network) put one activation of
+    # this tiny run within rounding of a non-smooth point at its last iteration, where two summation orders of the
+    # same step part by 1e-4 (1e-7 the step before): a weight away from that coincidence
     distil_tiny(
-        data_dir, out / "dm_slfd.pt", "slfd", "dm", optimizer="sgd", generator_path=generator_path, kl_weight=0.1
+        data_dir, out / "dm_slfd.pt", "slfd", "dm", optimizer="sgd", generator_path=generator_path, kl_weight=0.2
     )
     distil_tiny(data_dir, out / "dc_pixel.pt", "pixel", "dc", iterations=4)
     train = load_dataset("pathmnist", "train", data_dir, download=False)

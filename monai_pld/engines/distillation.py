@@ -235,25 +235,15 @@ class DistillationTrainer(Trainer):
             # "samples" split: this rank's slots only (their part of the draw for every slot), and its real images
             own = self.own_slots
             try:
-                if own is None:
-                    latents, syn_labels = self.parameterization.sample(
-                        self.samples_per_slot, antithetic=self.antithetic
-                    )
-                else:
-                    latents, syn_labels = self.parameterization.sample(
-                        self.samples_per_slot, antithetic=self.antithetic, slots=own
-                    )
+                # the means first when they are matched: (1 + S) * slots latents, sample-major
+                latents, syn_labels = self.parameterization.sample(
+                    self.samples_per_slot, antithetic=self.antithetic, slots=own, with_mean=self.include_mean
+                )
             except torch.linalg.LinAlgError as e:  # the covariance of a slot stopped being positive definite
                 raise FloatingPointError(
                     f"the latent distribution became degenerate at iteration {step} ({str(e).splitlines()[0]}); "
                     "lower 'lr_codes'/'lr_network' or resume from the last checkpoint with a smaller learning rate"
                 ) from e
-            if self.include_mean and own is None:
-                latents = torch.cat([self.parameterization.mean(), latents])
-                syn_labels = torch.cat([self.parameterization.labels, syn_labels])
-            elif self.include_mean:
-                latents = torch.cat([self.parameterization.mean(own), latents])
-                syn_labels = torch.cat([self.parameterization.labels[own], syn_labels])
             if own is not None:
                 real_images, real_labels = real_images[self._real_share], real_labels[self._real_share]
             syn_images = self.decode(latents)

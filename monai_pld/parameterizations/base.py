@@ -115,8 +115,14 @@ class LatentParameterization(nn.Module):
         ``slots``: those slots' part of the draw for every slot (the same noise, the others' left unused)."""
         raise NotImplementedError
 
+    def _draw_with_mean(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:
+        """The means, then :meth:`_draw`'s latents: ``(1 + n_per_slot, num_slots, C, h, w)``; a parameterisation
+        whose mean and samples share work overrides it to compute that work once."""
+        mean = self.mean(slots)
+        return torch.cat([mean[None], self._draw(n_per_slot, antithetic, slots)])
+
     def sample(
-        self, n_per_slot: int = 1, antithetic: bool = False, slots: Tensor | None = None
+        self, n_per_slot: int = 1, antithetic: bool = False, slots: Tensor | None = None, with_mean: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Draw latents for every slot, differentiably (reparameterisation), from the global RNG.
 
@@ -126,10 +132,13 @@ class LatentParameterization(nn.Module):
                 ``k + n_per_slot / 2`` of a slot are mirror images around its mean (variance reduction).
             slots: slot indices: only these slots' latents, equal (up to rounding) to their part of the draw for
                 every slot from the same RNG state (a rank's share under ``torchrun``); ``None``: every slot.
+            with_mean: put every slot's mean (:meth:`mean`) before its samples; the samples are those drawn
+                without it (up to rounding).
 
         Returns:
-            ``latents`` of shape ``(n_per_slot * num_slots, C, h, w)`` and ``labels`` of shape
-            ``(n_per_slot * num_slots,)``, sample-major: all slots' first sample, then all slots' second sample, ...
+            ``latents`` of shape ``(n * num_slots, C, h, w)`` and ``labels`` of shape ``(n * num_slots,)``,
+            ``n = n_per_slot (+ 1 with the means)``, sample-major: all slots' means (``with_mean``), then all
+            slots' first sample, then all slots' second sample, ...
 
         Raises:
             ValueError: when ``n_per_slot`` is not a positive int, or is odd with ``antithetic=True``.
@@ -141,12 +150,14 @@ class LatentParameterization(nn.Module):
                 f"antithetic sampling uses +eps/-eps pairs, so 'n_per_slot' must be even, got {n_per_slot}; "
                 "use an even number of samples per slot or antithetic=False"
             )
+        draw = self._draw_with_mean if with_mean else self._draw
+        n = n_per_slot + 1 if with_mean else n_per_slot
         if slots is None:
-            latents = self._draw(n_per_slot, antithetic)
-            return latents.reshape(n_per_slot * self.num_slots, *self.latent_shape), self.labels.repeat(n_per_slot)
+            latents = draw(n_per_slot, antithetic)
+            return latents.reshape(n * self.num_slots, *self.latent_shape), self.labels.repeat(n)
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.codes.device)
-        latents = self._draw(n_per_slot, antithetic, slots)
-        return latents.reshape(n_per_slot * len(slots), *self.latent_shape), self.labels[slots].repeat(n_per_slot)
+        latents = draw(n_per_slot, antithetic, slots)
+        return latents.reshape(n * len(slots), *self.latent_shape), self.labels[slots].repeat(n)
 
     def kl_to_prior(self) -> Tensor:
         """Regulariser of the slots towards a class prior; 0 for parameterisations without one."""

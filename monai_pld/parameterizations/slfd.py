@@ -215,20 +215,27 @@ class SLFDistribution(LatentParameterization):
         return LowRankMultivariateNormal(mu, cov_factor, cov_diag, validate_args=False)
 
     def _draw(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:
+        return self._draw_from(n_per_slot, antithetic, slots, with_mean=False)
+
+    def _draw_with_mean(self, n_per_slot: int, antithetic: bool, slots: Tensor | None = None) -> Tensor:
+        # the means and the samples come from one pass of the network (the mean alone is a third of its cost)
+        return self._draw_from(n_per_slot, antithetic, slots, with_mean=True)
+
+    def _draw_from(self, n_per_slot: int, antithetic: bool, slots: Tensor | None, with_mean: bool) -> Tensor:
         if self._deterministic:
             mu = self.mean(slots).flatten(1)
-            return mu.expand(n_per_slot, *mu.shape).reshape(n_per_slot, len(mu), *self.latent_shape)
-        if not antithetic and slots is None:
-            return self.distribution().rsample((n_per_slot,)).view(n_per_slot, self.num_slots, *self.latent_shape)
-        # Antithetic pairs need the noise itself, which rsample does not expose, and a subset of the slots must take
-        # its part of the noise drawn for every slot: the same reparameterisation (mu + P eps_r + sqrt(d) eps_D,
-        # drawn in rsample's order and shapes, for every slot) written out.
+            n = n_per_slot + 1 if with_mean else n_per_slot
+            return mu.expand(n, *mu.shape).reshape(n, len(mu), *self.latent_shape)
+        # The reparameterisation of LowRankMultivariateNormal.rsample (mu + P eps_r + sqrt(d) eps_D, the noise drawn
+        # in its order and shapes, for every slot) written out: antithetic pairs need the noise itself, a subset of
+        # the slots takes its part of the noise drawn for every slot, the means share the network's pass, and the
+        # distribution's capacitance matrix, which sampling does not use, is never formed.
         mu, cov_factor, cov_diag = self.parameters_of_distribution(slots)
         draws = n_per_slot // 2 if antithetic else n_per_slot
         factory = {"device": mu.device, "dtype": mu.dtype}
-        rank = cov_factor.shape[-1] if slots is not None else self.rank
-        eps_factor = eps = None
-        if self.head_P is not None or (slots is not None and not antithetic):  # rsample draws a factor's noise always
+        rank = cov_factor.shape[-1]
+        eps_factor = None
+        if self.head_P is not None or not antithetic:  # rsample draws a factor's noise always
             eps_factor = torch.empty(draws, self.num_slots, rank, **factory).normal_()
         eps = torch.empty(draws, self.num_slots, mu.shape[1], **factory).normal_()
         if slots is not None:
@@ -238,7 +245,10 @@ class SLFDistribution(LatentParameterization):
         if eps_factor is not None:
             noise = torch.einsum("bdr,nbr->nbd", cov_factor, eps_factor) + noise
         noise = torch.cat([noise, -noise]) if antithetic else noise
-        return (mu + noise).view(n_per_slot, len(mu), *self.latent_shape)
+        latents = mu + noise
+        if with_mean:
+            latents = torch.cat([mu[None], latents])
+        return latents.view(len(latents), len(mu), *self.latent_shape)
 
     @property
     def stochastic(self) -> bool:

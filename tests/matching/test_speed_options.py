@@ -72,6 +72,7 @@ def test_speed_settings_are_recorded():
         "real_dtype": "float32",
         "channels_last": False,
         "compile": False,
+        "estimator": "pooled",
     }
 
 

@@ -421,3 +421,26 @@ def test_a_subset_of_slots_draws_its_part_of_the_whole_draw(kwargs, antithetic):
     assert torch.equal(
         codes_only.sample(2, slots=own)[0], codes_only.sample(2)[0][(torch.arange(2)[:, None] * 9 + own).flatten()]
     )
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("own", [None, torch.tensor([1, 4, 7])])
+def test_with_mean_puts_the_means_before_the_same_samples(antithetic, own):
+    """The means and the samples share one pass of the network; the values are those of mean() and sample()."""
+    codes, labels = slots(num_classes=3, ipc=3, dtype=torch.float64)
+    model = SLFDistribution(codes, labels, num_classes=3, rank=3, hidden_channels=8)
+    randomise_heads(model)
+    n = 9 if own is None else len(own)
+    torch.manual_seed(5)
+    both, both_labels = model.sample(2, antithetic=antithetic, slots=own, with_mean=True)
+    torch.manual_seed(5)
+    samples, sample_labels = model.sample(2, antithetic=antithetic, slots=own)
+    assert both.shape == (3 * n, *codes.shape[1:])
+    torch.testing.assert_close(both[:n], model.mean(own), rtol=0, atol=1e-12)
+    torch.testing.assert_close(both[n:], samples, rtol=0, atol=1e-12)
+    mean_labels = labels if own is None else labels[own]
+    assert torch.equal(both_labels, torch.cat([mean_labels, sample_labels]))
+    # deterministic codes: the codes, once more
+    codes_only = LatentCodes(codes, labels, num_classes=3)
+    latents, _ = codes_only.sample(1, slots=own, with_mean=True)
+    assert torch.equal(latents, codes_only.mean(own).repeat(2, 1, 1, 1))
