@@ -170,10 +170,7 @@ class Workload:
                 t = lap("real: DSA", t)
                 real_mean, _ = matcher._class_sums(matcher._embed(net, x), real_labels)
                 t = lap("real: embed (no grad)", t)
-            latents, syn_labels = param.sample(1)
-            if trainer.include_mean:
-                latents = torch.cat([param.mean(), latents])
-                syn_labels = torch.cat([param.labels, syn_labels])
+            latents, syn_labels = param.sample(1, with_mean=trainer.include_mean)
             t = lap("synthetic: sample latents", t)
             images = trainer.decode(latents)
             t = lap("synthetic: decode", t)
