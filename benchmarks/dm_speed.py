@@ -40,6 +40,7 @@ from monai_pld.data import ImageSet
 from monai_pld.engines import DistillationTrainer
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
+from monai_pld.parameterizations import SLFDistribution
 from monai_pld.utils import derive_seed
 from monai_pld.workflows import build_trainer
 
@@ -228,7 +229,20 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
         parts_ = latents.split(chunk) if chunk else [latents]
         torch.cat([decoder.decode(p) for p in parts_]).sum().backward()
 
+    labels = torch.arange(args.classes).repeat_interleave(args.ipc)
+    slfd = SLFDistribution(torch.randn(len(labels), *decoder.latent_shape), labels, args.classes)
+
+    def slot_network(one_pass: bool) -> None:
+        # the means and one sample per slot, forward + backward: one pass of the network, or a pass for each
+        if one_pass:
+            latents_ = slfd.sample(1, with_mean=True)[0]
+        else:
+            latents_ = torch.cat([slfd.mean(), slfd.sample(1)[0]])
+        latents_.square().sum().backward()
+
     jobs = {name: (lambda name=name: embed_real(name)) for name in embeds}
+    jobs[f"SLFD {len(labels)} slots, means + 1 sample, forward + backward: two passes"] = lambda: slot_network(False)
+    jobs[f"SLFD {len(labels)} slots, means + 1 sample, forward + backward: one pass"] = lambda: slot_network(True)
     jobs[f"pool 2x2, torch avg_pool2d on {tuple(maps.shape)}"] = lambda: F.avg_pool2d(maps, 2, 2)
     jobs[f"pool 2x2, AvgPool2x2 on {tuple(maps.shape)}"] = lambda: AvgPool2x2()(maps)
     for chunk in (0, 30, 10, 5):
