@@ -5,7 +5,10 @@ The constants below were computed on the code as it was before the package was r
 guards that moving modules changed nothing a user can observe: the learnt parameters and the rendered ``uint8``
 images of the pixel and SLFD parameterisations under DM, and of pixel under DC, must be identical. They change only
 with a deliberate change of the method (initialisation, sampling, matching, optimisation), and then the new values
-are recorded together with that change.
+are recorded together with that change. The SLFD-DM parameter hash was recorded again when the slot network's
+means and samples came from one pass with the reparameterisation written out (no ``LowRankMultivariateNormal``
+while sampling): the same draws summed in another order moved the parameters by at most 1.6e-4 (the codes; the
+network's weights by 1e-7), and the rendered ``uint8`` images kept their hash.
 
 The hashes of float results depend on the number of threads (the SLFD parameters and both DC results differ with
 two threads; pixel-DM and the SLFD-DM ``uint8`` images do not), so the run is pinned to one thread. They were
@@ -28,7 +31,7 @@ EXPECTED = {
         "b025de3fcd88c7cb2d8958e0e63340e7e4e803b6a09e882b1068e1e6c04ad4cc",
     ),
     ("slfd", "dm"): (
-        "617e070f8720e2cb8660585f882aacf8205980fd9730c1dd95920d9e0dac8f5e",
+        "ba0055e934272451b9c63ea229ee4fea4dc8418ab9c15728872e6a3638606626",
         "2913b8717196de4b584814f6bf82736118ee9b2fa5e231b3e1a7fd94de6d1497",
     ),
     ("pixel", "dc"): (
