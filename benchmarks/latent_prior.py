@@ -13,10 +13,11 @@ Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnis
 python benchmarks/small_archive_npz.py ../shared/data/retinamnist.npz retina600.npz --n 600.
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
-A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:u][:resample]``: ``kind`` is random, full, pixel, latent or
-slfd; ``L2`` distils into the feature map after decoder block 2 instead of the bottleneck; ``lr=`` overrides the
-per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even, unless ``u``); ``u``
-uses DM's unbiased estimator (two independent halves of the samples, so ``s=`` must be even); ``resample`` evaluates
+A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:kl=<weight>][:u][:resample]``: ``kind`` is random,
+full, pixel, latent or slfd; ``L2`` distils into the feature map after decoder block 2 instead of the bottleneck;
+``lr=`` overrides the per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even,
+unless ``u``); ``kl=`` weights the KL of each SLFD slot to its class's latent Gaussian (default 0); ``u`` uses DM's
+unbiased estimator (two independent halves of the samples, so ``s=`` must be even); ``resample`` evaluates
 SLFD with fresh samples every epoch instead of its means. Every row of one seed starts from the same seeded real
 images and is distilled for ``--iterations`` steps with the bundle's defaults for everything not named.
 """
@@ -50,7 +51,7 @@ def parse_row(spec: str) -> dict:
     """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
     kind, *options = spec.split(":")
     row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
-    row["unbiased"] = False
+    row["unbiased"], row["kl_weight"] = False, 0.0
     for option in options:
         if option.startswith("L"):
             row["latent_layer"] = int(option[1:])
@@ -58,6 +59,8 @@ def parse_row(spec: str) -> dict:
             row["lr_codes"] = float(option[3:])
         elif option.startswith("s="):
             row["samples"] = int(option[2:])
+        elif option.startswith("kl="):
+            row["kl_weight"] = float(option[3:])
         elif option == "resample":
             row["mode"] = "resample"
         elif option == "u":
@@ -81,6 +84,7 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         lr_codes=row["lr_codes"],
         samples_per_slot=row["samples"],
         antithetic=row["samples"] % 2 == 0 and not row["unbiased"],
+        kl_weight=row["kl_weight"],
         batch_real_per_class=args.batch_real,
         seed=seed,
         device="cpu",
@@ -107,6 +111,7 @@ def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
     it with the same settings: the distilled set does not depend on the split it is later tested on."""
     name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
+    name += f"_kl{row['kl_weight']}" if row["kl_weight"] else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
     folder = Path(args.sets) / name
