@@ -106,14 +106,20 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
     return trainer.parameterization, trainer.generator, seconds, final
 
 
-def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
-    """Distil a row, or read it back from ``--sets`` when an earlier run (e.g. the validation-split selection) wrote
-    it with the same settings: the distilled set does not depend on the split it is later tested on."""
+def set_name(row: dict, args, ipc: int, seed: int) -> str:
+    """A name for every setting that changes a distilled set (not for how it is used, e.g. ``resample``)."""
     name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
     name += f"_kl{row['kl_weight']}" if row["kl_weight"] else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
+    return name
+
+
+def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
+    """Distil a row, or read it back from ``--sets`` when an earlier run (e.g. the validation-split selection) wrote
+    it with the same settings: the distilled set does not depend on the split it is later tested on."""
+    name = set_name(row, args, ipc, seed)
     folder = Path(args.sets) / name
     if (folder / "distribution.pt").is_file():
         param = load_distribution(folder / "distribution.pt")
@@ -257,7 +263,7 @@ def main() -> None:
                     source = load_image_source(row["kind"], train, ipc=ipc, seed=seed)
                     seconds, loss = 0.0, None
                 else:
-                    key = (row["kind"], row["latent_layer"], row["lr_codes"], row["samples"], ipc, seed)
+                    key = set_name(row, args, ipc, seed)  # rows that differ only in how the set is used share it
                     if key not in distilled:
                         distilled[key] = saved_or_distilled(row, train, args, ipc, seed)
                     param, generator, seconds, loss = distilled[key]
