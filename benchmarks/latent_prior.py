@@ -10,7 +10,9 @@ Final table (test split), two distillation seeds, four backbones:
 DC rows with GLaD's loops (one outer step per network): --matcher dc --matcher-args '{"loops": "glad"}'.
 Any MedMNIST-layout npz (e.g. Fashion-MNIST from ../shared/data/get-fashion-mnist.sh) with --dataset custom
 --data-dir /path/fashionmnist.npz; a small archive (its generator pretrained on it alone) the same way, from
-python benchmarks/small_archive_npz.py ../shared/data/retinamnist.npz retina600.npz --n 600.
+python benchmarks/small_archive_npz.py ../shared/data/retinamnist.npz retina600.npz --n 600. The generated
+five-class set of benchmarks/comparison.py with --synthetic (written to a temporary folder; the generator cached as
+generators/synthetic_28px_autoencoderkl.pt unless --generator-path says otherwise).
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
 A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:kl=<weight>][:u][:resample]``: ``kind`` is random,
@@ -32,10 +34,12 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from comparison import synthetic_medmnist  # benchmarks/, on the path when run as a script
 from ignite.engine import Events
 
 from monai_pld.data import ImageSet, load_dataset
@@ -198,6 +202,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="retinamnist")
     parser.add_argument("--data-dir", default=os.environ.get("MONAI_PLD_DATA", "../shared/data"))
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use comparison.py's generated five-class set (RetinaMNIST's layout) instead of --dataset/--data-dir",
+    )
     parser.add_argument("--split", default="val", choices=["val", "test"], help="where classifiers are tested")
     parser.add_argument("--rows", nargs="+", default=["random", "pixel", "latent", "slfd"])
     parser.add_argument("--ipc", type=int, nargs="+", default=[10])
@@ -235,6 +244,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # the project's progress lines (generator pretraining, distillation) on stderr; the tables go to stdout
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.synthetic:  # deterministic (seeded), so every run writes the same file
+        args.dataset, args.data_dir = "retinamnist", tempfile.mkdtemp(prefix="monai_pld_synth_")
+        synthetic_medmnist(Path(args.data_dir))
+        args.generator_path = args.generator_path or "generators/synthetic_28px_autoencoderkl.pt"
     train = load_dataset(args.dataset, "train", args.data_dir, download=False)
     if args.max_train is not None:
         train = subsample(train, args.max_train)

@@ -175,9 +175,9 @@ def test_torchrun_with_two_ranks_distils_what_one_process_does(finished_run, tmp
     with np.load(one / "distilled" / "images.npz") as a, np.load(out / "distilled" / "images.npz") as b:
         assert np.array_equal(a["labels"], b["labels"])
         diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
-    # Not a different set (with --seed 1 the mean difference is 13 levels, and 3 % of the values are equal): the
-    # same one, the order of float sums moving a minority of pixels by a level or two (about 5 % of them here).
-    assert diff.max() <= 3 and diff.mean() < 0.5 and (diff == 0).mean() > 0.8
+    # Not a different set (with --seed 1, 3 % of the values are equal and they differ by 13 levels on average): the
+    # same one, the order of float sums moving a minority of values by a level or two (about 5 % of them here).
+    assert diff.max() <= 3 and (diff == 0).mean() > 0.8
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("monai_pld").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["pretrain_pathmnist_28px", "two"]  # once, not once per rank
