@@ -55,7 +55,7 @@ def parse_row(spec: str) -> dict:
     """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
     kind, *options = spec.split(":")
     row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
-    row["unbiased"], row["kl_weight"] = False, 0.0
+    row.update(unbiased=False, kl_weight=0.0)
     for option in options:
         if option.startswith("L"):
             row["latent_layer"] = int(option[1:])
