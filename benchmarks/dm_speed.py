@@ -11,8 +11,12 @@ The reference is DatasetCondensation's unmodified ``utils.py``/``networks.py`` (
 ``main_DM.py`` runs it: a new ConvNet per iteration, per class ``batch_real`` random real images and the class's
 synthetic images, the same DSA transform on both, ``embed`` of each, squared distance of the means, SGD step.
 monai_pld's variants run its ``DistillationTrainer`` on the same data, sizes and batch (``ipc`` slots per class,
-``batch_real`` real images per class). Every variant is timed round by round, interleaved, in one process, so that
-machine noise touches them alike; the table gives medians and the ratio to the reference (and to ``pixel``).
+``batch_real`` real images per class). Every variant runs in a process of its own (kept for the whole run, so its
+warm-up carries over) and they are timed round by round, interleaved, so that machine noise touches them alike;
+the table gives medians and the ratio to the reference (and to ``pixel``). Separate processes keep process-wide
+settings apart: monai_pld's trainer tunes glibc's allocator (``cpu_allocator``), the reference runs with the
+allocator as a user's process has it. ``<variant>@default`` runs a monai_pld variant with ``cpu_allocator:
+default`` (e.g. ``--variants ref,pixel,pixel@default``), and ``ref@tuned`` the reference with the allocator tuned.
 
 ``--phases`` times the parts of one monai_pld iteration separately (the same work as the engine, called step by
 step). ``--matcher-args`` passes DM settings (e.g. ``'{"compile": true}'``).
@@ -24,6 +28,7 @@ import argparse
 import datetime
 import inspect
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -41,7 +46,7 @@ from monai_pld.engines import DistillationTrainer
 from monai_pld.matching import DistributionMatcher
 from monai_pld.networks.generators import AutoencoderKLGenerator, PixelGenerator, at_layer, default_autoencoder_config
 from monai_pld.parameterizations import SLFDistribution
-from monai_pld.utils import derive_seed
+from monai_pld.utils import configure_cpu_allocator, derive_seed
 from monai_pld.workflows import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +119,9 @@ class Workload:
 
     # monai_pld ----------------------------------------------------------------------------------------------------
     def trainer(self, name: str, iters: int) -> DistillationTrainer:
+        name, _, allocator = name.partition("@")
         kind, include_mean = PROJECT[name]
+        trainer_args = {"cpu_allocator": allocator or "tuned", **self.args.trainer_args}
         gen = self.pixel_gen if kind == "pixel" else self.autoencoder
         return build_trainer(
             self.data,
@@ -129,7 +136,7 @@ class Workload:
             lr_network=0.001,
             device=self.device,
             matcher_args=self.args.matcher_args,
-            **self.args.trainer_args,
+            **trainer_args,
         )
 
     def project(self, name: str, iters: int) -> float:
@@ -141,7 +148,9 @@ class Workload:
         return (time.perf_counter() - start) / iters
 
     def run(self, name: str, iters: int) -> float:
-        return self.reference(iters) if name == "ref" else self.project(name, iters)
+        if name == "ref@tuned":  # the reference with the allocator monai_pld's trainer sets
+            configure_cpu_allocator("tuned")
+        return self.reference(iters) if name.startswith("ref") else self.project(name, iters)
 
     def phases(self, name: str, steps: int = 4) -> dict[str, float]:
         """Median milliseconds of each part of a monai_pld iteration, called one by one as the engine does."""
@@ -190,6 +199,42 @@ class Workload:
         medians["engine, handlers and the rest (whole iteration minus the parts)"] = engine - sum(medians.values())
         medians["whole iteration (DistillationTrainer.run)"] = engine
         return medians
+
+
+def _variant_worker(conn, args: argparse.Namespace, size: int, batch_real: int) -> None:
+    """One variant's process: builds the workload once, then times ``(name, iters)`` requests until ``None``."""
+    torch.set_num_threads(args.threads)
+    work = Workload(args, size, batch_real)
+    while (request := conn.recv()) is not None:
+        conn.send(work.run(*request))
+
+
+def interleaved(args: argparse.Namespace, size: int, batch_real: int) -> dict[str, list[float]]:
+    """Seconds per iteration of every variant, each in its own process, round by round (round 0 warms up)."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no allocator or thread state inherited
+    workers = {}
+    for name in args.variants:
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_variant_worker, args=(theirs, args, size, batch_real), daemon=True)
+        proc.start()
+        workers[name] = (ours, proc)
+    times: dict[str, list[float]] = {n: [] for n in args.variants}
+    try:
+        for r in range(args.rounds + 1):  # round 0 warms up (allocator, caches, first compile)
+            line = []
+            for name, (conn, _) in workers.items():
+                conn.send((name, args.iters))  # one variant at a time: the others wait, idle
+                value = conn.recv()
+                if r:
+                    times[name].append(value)
+                    line.append(f"{name} {value:.3f}")
+            if r:
+                print(f"{size}px batch {batch_real} round {r}: " + ", ".join(line), flush=True)
+    finally:
+        for conn, proc in workers.values():
+            conn.send(None)
+            proc.join()
+    return times
 
 
 def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -> dict[str, float]:
@@ -346,17 +391,7 @@ def main() -> None:
     else:
         for size in args.sizes:
             for batch in args.batch_real:
-                work = Workload(args, size, batch)
-                times: dict[str, list[float]] = {n: [] for n in args.variants}
-                for r in range(args.rounds + 1):  # round 0 warms up (allocator, caches, first compile)
-                    line = []
-                    for name in args.variants:
-                        value = work.run(name, args.iters)
-                        if r:
-                            times[name].append(value)
-                            line.append(f"{name} {value:.3f}")
-                    if r:
-                        print(f"{size}px batch {batch} round {r}: " + ", ".join(line), flush=True)
+                times = interleaved(args, size, batch)
                 med = {n: statistics.median(v) for n, v in times.items()}
                 key = f"{size}px batch {batch}"
                 results[key] = {"seconds_per_iteration": times, "median": med}
@@ -366,6 +401,7 @@ def main() -> None:
                     to_pixel = f"{m / med['pixel']:.2f}" if "pixel" in med else ""
                     print(f"| {n} | {m:.3f} | {to_ref} | {to_pixel} |", flush=True)
                 if args.phases:
+                    work = Workload(args, size, batch)
                     for name in ("pixel", "latent"):
                         ph = work.phases(name)
                         results[key][f"phases_{name}_ms"] = ph

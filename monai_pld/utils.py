@@ -6,6 +6,7 @@ Checks that need datasets or registries (``check_distillation_config`` and the o
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ __all__ = [
     "sha256_file",
     "library_versions",
     "resolve_device",
+    "configure_cpu_allocator",
     "derive_seed",
     "check_generator_settings",
     "check_int",
@@ -168,6 +170,46 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and distributed.world_size() > 1:
         dev = distributed.rank_device(dev)  # one GPU per rank under torchrun
     return dev
+
+
+CPU_ALLOCATORS = ("tuned", "default")
+# glibc's mallopt parameters (malloc.h) and the values "tuned" sets: buffers under 32 MiB (glibc's largest allowed
+# mmap threshold on 64-bit) come from the heap, and up to 256 MiB of freed heap is kept for the next step
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TUNED = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 256 << 20}
+_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def configure_cpu_allocator(mode: str = "tuned") -> bool:
+    """Keep the CPU's activation buffers in the heap between steps instead of mapping them afresh for each call.
+
+    glibc serves every allocation above its mmap threshold (128 KiB, raised only as large blocks are freed) with a
+    fresh ``mmap`` and returns it with ``munmap`` on free, so each of a ConvNet's multi-MiB activation maps is
+    zero-filled page by page by the kernel on every call, and heap memory above 128 KiB at its top is given back
+    and faulted in again. On a 28 px ConvNet embedding 20 images that fault-in costs as much as the convolutions
+    (``benchmarks/dm_speed.py``, ``docs/benchmarks.md``). ``"tuned"`` raises both thresholds with ``mallopt``; the
+    arithmetic and its results are unchanged, only where the memory comes from. It is process-wide, so it is done
+    once, by the workflows that run on the CPU; ``"default"`` leaves the allocator alone (as does anything other
+    than glibc, and a process whose environment already sets glibc's ``MALLOC_*_`` variables, which win).
+    PyTorch has no caching allocator on the CPU and jemalloc/tcmalloc need ``LD_PRELOAD`` before start, hence this.
+
+    Returns:
+        whether the thresholds were set.
+
+    Raises:
+        ConfigError: for a mode other than ``"tuned"`` or ``"default"``.
+    """
+    if mode not in CPU_ALLOCATORS:
+        raise ConfigError(f"'cpu_allocator' must be one of {list(CPU_ALLOCATORS)}, got {mode!r}")
+    if mode == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in _ALLOCATOR_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in _TUNED.items())
 
 
 def derive_seed(seed: int, *parts: int) -> int:

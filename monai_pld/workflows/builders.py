@@ -17,7 +17,14 @@ from monai_pld.engines.generator import ensure_generator
 from monai_pld.matching import DistributionMatcher, GradientMatcher, TrajectoryMatcher
 from monai_pld.networks.generators import LatentGenerator, PixelGenerator, at_layer
 from monai_pld.parameterizations import BASELINES, LatentCodes, RealImageSet, SLFDistribution
-from monai_pld.utils import MATCHERS, PARAMETERIZATIONS, ConfigError, derive_seed, resolve_device
+from monai_pld.utils import (
+    MATCHERS,
+    PARAMETERIZATIONS,
+    ConfigError,
+    configure_cpu_allocator,
+    derive_seed,
+    resolve_device,
+)
 
 __all__ = [
     "build_generator",
@@ -271,6 +278,7 @@ def build_trainer(
     handlers: list[Any] | None = None,
     generator: LatentGenerator | None = None,
     parameterization_options: Mapping[str, Any] | None = None,
+    cpu_allocator: str = "tuned",
 ) -> Any:
     """A complete :class:`~monai_pld.engines.DistillationTrainer` from configuration values: what every bundle's
     ``train#trainer`` is, and what Python users and scripts call.
@@ -279,6 +287,7 @@ def build_trainer(
     pass their ``train#generator`` component, so a config can swap in any decoder). Handlers that draw or export
     the set take the trainer's parts when they are attached, so they need no reference to them.
     ``parameterization_options`` are further :func:`build_parameterization` keywords (e.g. SLFD's ``diagonal``).
+    ``cpu_allocator`` is :func:`~monai_pld.utils.configure_cpu_allocator`'s mode, applied to the whole process.
 
     ``lr_codes``/``lr_network`` ``"auto"`` take the per-space defaults of :mod:`monai_pld.defaults`; ``pretrain``
     holds :func:`~monai_pld.engines.generator.pretrain_generator` arguments used when the generator is pretrained
@@ -294,6 +303,7 @@ def build_trainer(
         images, labels = trainer.parameterization.render(trainer.generator)
     """
     dev = resolve_device(device)
+    configure_cpu_allocator(cpu_allocator)
     auto_codes, auto_network = (
         default_learning_rates(parameterization, matcher, latent_layer)
         if (parameterization in PARAMETERIZATIONS)

@@ -1,5 +1,9 @@
 """The speed settings of DM and of the distillation engine compute the same thing as the plain path."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +142,49 @@ def test_chunked_decoding_gives_the_images_of_one_call():
 def test_classifier_pools_are_the_fast_exact_kind():
     net = get_classifier("convnet", 3, 4, 16, width=8)
     assert any(isinstance(m, AvgPool2x2) for m in net.modules())
+
+
+def test_cpu_allocator_modes_and_a_bad_value():
+    from monai_pld.utils import ConfigError, configure_cpu_allocator
+
+    assert configure_cpu_allocator("default") is False  # leaves the allocator alone
+    with pytest.raises(ConfigError, match="cpu_allocator.*tuned"):
+        configure_cpu_allocator("fast")
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's"
+)
+def test_cpu_allocator_is_tuned_on_glibc_unless_the_environment_says_otherwise(monkeypatch):
+    from monai_pld.utils import configure_cpu_allocator
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"):
+        monkeypatch.delenv(name, raising=False)
+    assert configure_cpu_allocator("tuned") is True
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # a user's own setting wins
+    assert configure_cpu_allocator("tuned") is False
+
+
+_RUN_TINY = """
+import hashlib, sys, torch
+from monai_pld.data import ImageSet
+from monai_pld.workflows import build_trainer
+gen = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen)
+data = ImageSet(images, torch.arange(3).repeat_interleave(8), ["a", "b", "c"], "tiny")
+trainer = build_trainer(data, "pixel", "dm", ipc=2, iterations=3, generator=None, device="cpu",
+                        cpu_allocator=sys.argv[1], matcher_args={"embedder_kwargs": {"width": 16}})
+trainer.run()
+print(hashlib.sha256(trainer.parameterization.codes.detach().numpy().tobytes()).hexdigest())
+"""
+
+
+def test_cpu_allocator_changes_where_memory_comes_from_not_the_result(tmp_path):
+    # each mode in a fresh process (the setting is process-wide and cannot be undone): the same bits come out
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", _RUN_TINY, mode], capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout.split()[-1]
+        for mode in ("default", "tuned")
+    }
+    assert len(runs["tuned"]) == 64 and runs["tuned"] == runs["default"]
