@@ -1,6 +1,6 @@
 """Seconds per evaluation run of every backbone, and the wall time of the default ``evaluate.yaml``.
 
-Run: python benchmarks/evaluation_cost.py [--epochs 20] [--rounds 2] [--threads 2] [--bundle]
+Run: python benchmarks/evaluation_cost.py [--epochs 20] [--rounds 2] [--threads 2] [--bundle] [--cpu-allocator default]
 
 Times ``train_and_test`` (the function every evaluation run calls) for each backbone on an image set of the default
 PathMNIST bundle's shape: 9 classes x IPC 10 = 90 images, 28 px RGB, tested on 7,180 images (the size of the
@@ -10,7 +10,9 @@ seconds per epoch (the trainer's own clock) and the rest (network build and the 
 epochs); the last column extrapolates to the default 300 epochs.
 
 With ``--bundle`` it also runs the default ``bundles/pathmnist/evaluate.yaml`` (300 epochs, 5 backbones, 1 run,
-DC protocol) on that data through ``python -m monai.bundle`` and reports its wall time.
+DC protocol) on that data through ``python -m monai.bundle`` and reports its wall time. ``--cpu-allocator`` is the
+bundles' ``cpu_allocator`` for this process (``tuned``, as the evaluation bundle sets it, or ``default``); compare the
+two in separate processes, since the setting cannot be undone within one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from monai_pld.data import ImageSet
 from monai_pld.evaluation import ImageSource, train_and_test
+from monai_pld.utils import CPU_ALLOCATORS, configure_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("convnet", "alexnet", "vgg11", "resnet18", "vit")
@@ -109,11 +112,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bundle", action="store_true", help="also time the default evaluate.yaml end to end")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="tuned")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = configure_cpu_allocator(args.cpu_allocator)
     print(
         f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({args.threads} threads); 90 images 28 px RGB, 9 classes, test 7,180 images; DC protocol, batch 256\n"
+        f"({args.threads} threads, allocator {'tuned' if tuned else 'untouched'}); 90 images 28 px RGB, 9 classes, "
+        "test 7,180 images; DC protocol, batch 256\n"
     )
     print("| backbone | train s/epoch | build + test s | s per 300-epoch run |\n| --- | --- | --- | --- |")
     for backbone, t in time_backbones(args).items():
