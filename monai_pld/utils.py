@@ -186,10 +186,12 @@ def configure_cpu_allocator(mode: str = "tuned") -> bool:
     glibc serves every allocation above its mmap threshold (128 KiB, raised only as large blocks are freed) with a
     fresh ``mmap`` and returns it with ``munmap`` on free, so each of a ConvNet's multi-MiB activation maps is
     zero-filled page by page by the kernel on every call, and heap memory above 128 KiB at its top is given back
-    and faulted in again. On a 28 px ConvNet embedding 20 images that fault-in costs as much as the convolutions
-    (``benchmarks/dm_speed.py``, ``docs/benchmarks.md``). ``"tuned"`` raises both thresholds with ``mallopt``; the
-    arithmetic and its results are unchanged, only where the memory comes from. It is process-wide, so it is done
-    once, by the workflows that run on the CPU; ``"default"`` leaves the allocator alone (as does anything other
+    and faulted in again. Measured in ``docs/benchmarks.md`` (``benchmarks/dm_speed.py``,
+    ``benchmarks/evaluation_cost.py``): 16-19 % of a ConvNet evaluation run, 0-4 % of a DM iteration here (whose
+    chunked embedding already lets glibc's own threshold catch up), 6-34 % of the reference's.
+    ``"tuned"`` raises both thresholds with ``mallopt``; the arithmetic and its results are unchanged, only where
+    the memory comes from. It is process-wide, so it is done once, by the workflows that run on the CPU;
+    ``"default"`` leaves the allocator alone (as does anything other
     than glibc, and a process whose environment already sets glibc's ``MALLOC_*_`` variables, which win).
     PyTorch has no caching allocator on the CPU and jemalloc/tcmalloc need ``LD_PRELOAD`` before start, hence this.
 
