@@ -17,6 +17,8 @@ the table gives medians and the ratio to the reference (and to ``pixel``). Separ
 settings apart: monai_pld's trainer tunes glibc's allocator (``cpu_allocator``), the reference runs with the
 allocator as a user's process has it. ``<variant>@default`` runs a monai_pld variant with ``cpu_allocator:
 default`` (e.g. ``--variants ref,pixel,pixel@default``), and ``ref@tuned`` the reference with the allocator tuned.
+``<variant>@unfolded`` decodes with MONAI's decoder blocks as they are, not with the upsampling convs folded
+(``AutoencoderKLGenerator.fold_upsampling``); modifiers combine (``latent@unfolded@default``).
 
 ``--phases`` times the parts of one monai_pld iteration separately (the same work as the engine, called step by
 step). ``--matcher-args`` passes DM settings (e.g. ``'{"compile": true}'``).
@@ -119,10 +121,14 @@ class Workload:
 
     # monai_pld ----------------------------------------------------------------------------------------------------
     def trainer(self, name: str, iters: int) -> DistillationTrainer:
-        name, _, allocator = name.partition("@")
+        name, *modifiers = name.split("@")
+        unknown = set(modifiers) - {"default", "unfolded"}
+        if unknown:
+            raise ValueError(f"unknown variant modifier(s) {sorted(unknown)}; use @default and/or @unfolded")
         kind, include_mean = PROJECT[name]
-        trainer_args = {"cpu_allocator": allocator or "tuned", **self.args.trainer_args}
+        trainer_args = {"cpu_allocator": "default" if "default" in modifiers else "tuned", **self.args.trainer_args}
         gen = self.pixel_gen if kind == "pixel" else self.autoencoder
+        getattr(self.autoencoder, "base", self.autoencoder).fold_upsampling = "unfolded" not in modifiers
         return build_trainer(
             self.data,
             kind,
@@ -270,7 +276,9 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
     maps = torch.randn(auto, net.features[0].out_channels, size, size)
     latents = torch.randn(args.classes * args.ipc, *decoder.latent_shape, requires_grad=True)
 
-    def decode(chunk: int) -> None:
+    def decode(chunk: int, fold: bool = True) -> None:
+        base = getattr(decoder, "base", decoder)
+        base.fold_upsampling = fold
         parts_ = latents.split(chunk) if chunk else [latents]
         torch.cat([decoder.decode(p) for p in parts_]).sum().backward()
 
@@ -294,6 +302,9 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
         jobs[f"decode {len(latents)} latents, forward + backward, chunk {chunk or 'none (one call)'}"] = (
             lambda chunk=chunk: decode(chunk)
         )
+    jobs[f"decode {len(latents)} latents, forward + backward, chunk 30, upsampling not folded"] = lambda: decode(
+        30, fold=False
+    )
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for r in range(reps + 1):
         for name, job in jobs.items():
