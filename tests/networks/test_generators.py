@@ -57,7 +57,9 @@ def test_folded_upsampling_is_monai_decoder(size, downsamplings):
 def test_upsample_conv_leaves_other_blocks_alone():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 5, 5)
-    bilinear = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.Conv2d(8, 8, 3, padding=1))
+    bilinear = torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.Conv2d(8, 8, 3, padding=1)
+    )
     assert torch.equal(upsample_conv(bilinear, x), bilinear(x))
     conv = torch.nn.Conv2d(8, 4, 3, padding=1)
     assert torch.equal(upsample_conv(conv, x), conv(x))
