@@ -5,6 +5,7 @@ Run (quiet machine only: check /proc/loadavg):
     python benchmarks/dm_speed.py                                  # batch 64 and 256, 28 and 32 px
     python benchmarks/dm_speed.py --batch-real 64 --sizes 28 --phases
     python benchmarks/dm_speed.py --memory                         # peak RSS of each variant, one process each
+    python benchmarks/dm_speed.py --arithmetic                     # multiply-adds of the parts (no timing)
 
 The reference is DatasetCondensation's unmodified ``utils.py``/``networks.py`` (``--ref``, default
 ``../shared/reference/DatasetCondensation`` beside the checkout); its DM iteration is re-enacted as its
@@ -315,6 +316,52 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def arithmetic(args: argparse.Namespace, size: int, batch_real: int) -> dict[str, float]:
+    """Multiply-adds (GMAC, counted by ``torch.utils.flop_counter``) of the parts of one DM iteration that differ
+    between the parameterisations, and the ratio to pixel's that the arithmetic alone implies: a floor on the
+    seconds ratio when every part runs at the embedder's efficiency. Machine independent, so free of the noise of
+    the timings."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    def gmac(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 2e9
+
+    k = args.classes
+    net = DistributionMatcher(3, k, size).build_embedder(1, "cpu")
+    real = torch.rand(k * batch_real, 3, size, size)
+    syn = torch.rand(k * args.ipc, 3, size, size, requires_grad=True)
+    decoder = at_layer(AutoencoderKLGenerator(**default_autoencoder_config(size, 3)).freeze(), args.latent_layer)
+    base = getattr(decoder, "base", decoder)
+    latents = torch.randn(k * args.ipc, *decoder.latent_shape, requires_grad=True)
+    labels = torch.arange(k).repeat_interleave(args.ipc)
+    slfd = SLFDistribution(torch.randn(len(labels), *decoder.latent_shape), labels, k)
+
+    def embed_real() -> None:
+        with torch.no_grad():
+            net.embed(real)
+
+    def decode(fold: bool) -> None:
+        base.fold_upsampling = fold
+        decoder.decode(latents).sum().backward()
+        base.fold_upsampling = True
+
+    out = {
+        "real embed (no grad)": gmac(embed_real),
+        "synthetic embed, forward + backward": gmac(lambda: net.embed(syn).sum().backward()),
+        "decoder tail, forward + backward": gmac(lambda: decode(True)),
+        "decoder tail, forward + backward, upsampling not folded": gmac(lambda: decode(False)),
+        "slot network, one sample per slot, forward + backward": gmac(lambda: slfd.sample(1)[0].sum().backward()),
+    }
+    pixel = out["real embed (no grad)"] + out["synthetic embed, forward + backward"]
+    out["ratio floor: latent / pixel"] = (pixel + out["decoder tail, forward + backward"]) / pixel
+    out["ratio floor: slfd / pixel"] = (
+        pixel + out["decoder tail, forward + backward"] + out["slot network, one sample per slot, forward + backward"]
+    ) / pixel
+    return out
+
+
 def peak_memory(args: argparse.Namespace) -> dict[str, float]:
     """Peak RSS (MiB) of one process per variant that builds the data and runs ``iters`` iterations."""
     out = {}
@@ -371,6 +418,7 @@ def main() -> None:
     p.add_argument("--phases", action="store_true", help="also time the parts of a pixel and a latent iteration")
     p.add_argument("--memory", action="store_true", help="peak RSS per variant (one process each) instead of time")
     p.add_argument("--parts", action="store_true", help="time the pieces each speed setting changes instead")
+    p.add_argument("--arithmetic", action="store_true", help="count the multiply-adds of the parts instead")
     p.add_argument("--only", help=argparse.SUPPRESS)  # child process of --memory
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
@@ -391,6 +439,14 @@ def main() -> None:
     results: dict = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.memory:
         results["peak_rss_mib"] = peak_memory(args)
+    elif args.arithmetic:
+        for size in args.sizes:
+            for batch in args.batch_real:
+                key = f"{size}px batch {batch}"
+                results[key] = arithmetic(args, size, batch)
+                print(f"| {key}: part | GMAC (ratios: arithmetic floor) |\n| --- | --- |")
+                for name, value in results[key].items():
+                    print(f"| {name} | {value:.3f} |", flush=True)
     elif args.parts:
         for size in args.sizes:
             for batch in args.batch_real:
