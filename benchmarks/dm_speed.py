@@ -18,8 +18,6 @@ the table gives medians and the ratio to the reference (and to ``pixel``). Separ
 settings apart: monai_pld's trainer tunes glibc's allocator (``cpu_allocator``), the reference runs with the
 allocator as a user's process has it. ``<variant>@default`` runs a monai_pld variant with ``cpu_allocator:
 default`` (e.g. ``--variants ref,pixel,pixel@default``), and ``ref@tuned`` the reference with the allocator tuned.
-``<variant>@unfolded`` decodes with MONAI's decoder blocks as they are, not with the upsampling convs folded
-(``AutoencoderKLGenerator.fold_upsampling``); modifiers combine (``latent@unfolded@default``).
 
 ``--phases`` times the parts of one monai_pld iteration separately (the same work as the engine, called step by
 step). ``--matcher-args`` passes DM settings (e.g. ``'{"compile": true}'``).
@@ -122,14 +120,10 @@ class Workload:
 
     # monai_pld ----------------------------------------------------------------------------------------------------
     def trainer(self, name: str, iters: int) -> DistillationTrainer:
-        name, *modifiers = name.split("@")
-        unknown = set(modifiers) - {"default", "unfolded"}
-        if unknown:
-            raise ValueError(f"unknown variant modifier(s) {sorted(unknown)}; use @default and/or @unfolded")
+        name, _, allocator = name.partition("@")
         kind, include_mean = PROJECT[name]
-        trainer_args = {"cpu_allocator": "default" if "default" in modifiers else "tuned", **self.args.trainer_args}
+        trainer_args = {"cpu_allocator": allocator or "tuned", **self.args.trainer_args}
         gen = self.pixel_gen if kind == "pixel" else self.autoencoder
-        getattr(self.autoencoder, "base", self.autoencoder).fold_upsampling = "unfolded" not in modifiers
         return build_trainer(
             self.data,
             kind,
@@ -277,9 +271,7 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
     maps = torch.randn(auto, net.features[0].out_channels, size, size)
     latents = torch.randn(args.classes * args.ipc, *decoder.latent_shape, requires_grad=True)
 
-    def decode(chunk: int, fold: bool = True) -> None:
-        base = getattr(decoder, "base", decoder)
-        base.fold_upsampling = fold
+    def decode(chunk: int) -> None:
         parts_ = latents.split(chunk) if chunk else [latents]
         torch.cat([decoder.decode(p) for p in parts_]).sum().backward()
 
@@ -303,9 +295,6 @@ def parts(args: argparse.Namespace, size: int, batch_real: int, reps: int = 5) -
         jobs[f"decode {len(latents)} latents, forward + backward, chunk {chunk or 'none (one call)'}"] = (
             lambda chunk=chunk: decode(chunk)
         )
-    jobs[f"decode {len(latents)} latents, forward + backward, chunk 30, upsampling not folded"] = lambda: decode(
-        30, fold=False
-    )
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for r in range(reps + 1):
         for name, job in jobs.items():
@@ -333,7 +322,6 @@ def arithmetic(args: argparse.Namespace, size: int, batch_real: int) -> dict[str
     real = torch.rand(k * batch_real, 3, size, size)
     syn = torch.rand(k * args.ipc, 3, size, size, requires_grad=True)
     decoder = at_layer(AutoencoderKLGenerator(**default_autoencoder_config(size, 3)).freeze(), args.latent_layer)
-    base = getattr(decoder, "base", decoder)
     latents = torch.randn(k * args.ipc, *decoder.latent_shape, requires_grad=True)
     labels = torch.arange(k).repeat_interleave(args.ipc)
     slfd = SLFDistribution(torch.randn(len(labels), *decoder.latent_shape), labels, k)
@@ -342,22 +330,16 @@ def arithmetic(args: argparse.Namespace, size: int, batch_real: int) -> dict[str
         with torch.no_grad():
             net.embed(real)
 
-    def decode(fold: bool) -> None:
-        base.fold_upsampling = fold
-        decoder.decode(latents).sum().backward()
-        base.fold_upsampling = True
-
     out = {
         "real embed (no grad)": gmac(embed_real),
         "synthetic embed, forward + backward": gmac(lambda: net.embed(syn).sum().backward()),
-        "decoder tail, forward + backward": gmac(lambda: decode(True)),
-        "decoder tail, forward + backward, upsampling not folded": gmac(lambda: decode(False)),
+        "decoder, forward + backward": gmac(lambda: decoder.decode(latents).sum().backward()),
         "slot network, one sample per slot, forward + backward": gmac(lambda: slfd.sample(1)[0].sum().backward()),
     }
     pixel = out["real embed (no grad)"] + out["synthetic embed, forward + backward"]
-    out["ratio floor: latent / pixel"] = (pixel + out["decoder tail, forward + backward"]) / pixel
+    out["ratio floor: latent / pixel"] = (pixel + out["decoder, forward + backward"]) / pixel
     out["ratio floor: slfd / pixel"] = (
-        pixel + out["decoder tail, forward + backward"] + out["slot network, one sample per slot, forward + backward"]
+        pixel + out["decoder, forward + backward"] + out["slot network, one sample per slot, forward + backward"]
     ) / pixel
     return out
 

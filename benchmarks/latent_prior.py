@@ -43,6 +43,7 @@ from comparison import synthetic_medmnist  # benchmarks/, on the path when run a
 from ignite.engine import Events
 
 from monai_pld.data import ImageSet, load_dataset
+from monai_pld.defaults import default_learning_rates
 from monai_pld.engines.generator import pretrain_generator
 from monai_pld.evaluation import ImageSource, load_image_source, train_and_test
 from monai_pld.formats import export_distilled_set, load_distribution
@@ -110,9 +111,24 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
     return trainer.parameterization, trainer.generator, seconds, final
 
 
+def resolved_lr(row: dict, args, ipc: int) -> float | None:
+    """The learning rate of the codes a row distils with (``auto`` resolved); ``None`` for real-image rows."""
+    if row["kind"] in ("random", "full"):
+        return None
+    if row["lr_codes"] != "auto":
+        return float(row["lr_codes"])
+    return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc)[0]
+
+
 def set_name(row: dict, args, ipc: int, seed: int) -> str:
     """A name for every setting that changes a distilled set (not for how it is used, e.g. ``resample``)."""
-    name = f"{row['kind']}_L{row['latent_layer']}_lr{row['lr_codes']}_s{row['samples']}_ipc{ipc}_seed{seed}"
+    lr = row["lr_codes"]
+    if (
+        lr == "auto"
+        and resolved_lr(row, args, ipc) != default_learning_rates(row["kind"], args.matcher, row["latent_layer"])[0]
+    ):
+        lr = resolved_lr(row, args, ipc)  # "auto" named the many-image value when these sets were first saved
+    name = f"{row['kind']}_L{row['latent_layer']}_lr{lr}_s{row['samples']}_ipc{ipc}_seed{seed}"
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
     name += f"_kl{row['kl_weight']}" if row["kl_weight"] else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
@@ -285,7 +301,14 @@ def main() -> None:
                 seconds_all.append(seconds)
                 losses.append(loss)
             table.append(
-                {"row": spec, "ipc": ipc, "results": results, "distil_seconds": seconds_all, "final_loss": losses}
+                {
+                    "row": spec,
+                    "ipc": ipc,
+                    "lr_codes": resolved_lr(row, args, ipc),
+                    "results": results,
+                    "distil_seconds": seconds_all,
+                    "final_loss": losses,
+                }
             )
             accs = {b: statistics.fmean(r["accuracy"] for r in results if r["backbone"] == b) for b in args.backbones}
             print(

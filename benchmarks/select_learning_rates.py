@@ -17,6 +17,12 @@ the learning rate with the highest validation accuracy averaged over the dataset
 relative to its best row, so that an easy dataset does not outvote a hard one) is chosen. Results on a test split
 are refused: defaults must never be tuned on test data. ``monai_pld/defaults.py`` holds the chosen values and a test
 checks that it matches the committed output.
+
+Rows at IPC 1 form groups of their own, one per parameterisation (``latent`` codes and ``slfd`` apart), since one
+slot per class changes what a step does; among their learning rates only those measured on every dataset of the
+group compete. A row run without ``lr=`` took ``lr_codes: auto``: files that record the value it resolved to
+(``lr_codes`` of the row) give it; older ones ran before the IPC 1 defaults, when ``auto`` meant the many-image
+value of the space, which this script chooses first.
 """
 
 from __future__ import annotations
@@ -29,16 +35,23 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def space_of(spec: str) -> tuple[str, float] | None:
-    """``latent:L2:lr=0.03`` -> ``("feature", 0.03)``; rows without an explicit learning rate are skipped."""
+def space_of(spec: str) -> tuple[str, str, float | None] | None:
+    """``latent:L2:lr=0.03`` -> ``("latent", "feature", 0.03)``: kind, space and the explicit learning rate (``None``
+    without one); ``None`` for the real-image baselines."""
     kind, *options = spec.split(":")
     if kind not in ("pixel", "latent", "slfd"):
         return None
     lr = next((float(o[3:]) for o in options if o.startswith("lr=")), None)
-    if lr is None:
-        return None
     layer = any(o.startswith("L") and o[1:] != "0" for o in options)
-    return ("pixel" if kind == "pixel" else "feature" if layer else "latent"), lr
+    return kind, ("pixel" if kind == "pixel" else "feature" if layer else "latent"), lr
+
+
+def choose(by_lr: dict[float, list[float]], datasets: int | None = None) -> tuple[float, dict[float, float]]:
+    """The learning rate of the highest mean relative accuracy (among those measured on ``datasets`` datasets,
+    when given) and every mean."""
+    mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+    eligible = [lr for lr in mean if datasets is None or len(by_lr[lr]) == datasets]
+    return max(eligible, key=mean.get), mean
 
 
 def main() -> None:
@@ -46,35 +59,64 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="latent_prior.py .json files of validation-split runs")
     parser.add_argument("--out", default="docs/tuning/learning_rates.json")
     args = parser.parse_args()
-    # validation accuracy of every row, per (dataset, matcher); several files of one dataset are merged
-    by_dataset: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    # validation accuracies of every (row, ipc), per (dataset, matcher): files of one dataset (e.g. one per seed)
+    # are pooled, each row's mean taken over all their classifiers
+    pooled: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    recorded_lr: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
     sources = []
     for path in args.results:
         data = json.loads(Path(path).read_text())
         run = data["args"]
         if run["split"] != "val":
             raise SystemExit(f"{path} was tested on the {run['split']!r} split: choose defaults on 'val' only")
-        accuracy = {
-            row["row"]: statistics.fmean(r["accuracy"] for r in row["results"])
-            for row in data["rows"]
-            if row["results"]
-        }
-        by_dataset[(f"{run['dataset']} {run['data_dir']}", run["matcher"])].update(accuracy)
+        # a dataset is its name and its file or folder name: the same file read from another place is the same data
+        key = (f"{run['dataset']} {Path(str(run['data_dir'])).name}", run["matcher"])
+        accuracy = {}
+        for row in data["rows"]:
+            if not row["results"]:
+                continue
+            name = (row["row"], int(row["ipc"]))
+            pooled[key][name] += [r["accuracy"] for r in row["results"]]
+            if row.get("lr_codes") is not None:
+                recorded_lr[key][name] = float(row["lr_codes"])
+            label = row["row"] if name[1] == 10 else f"{row['row']} ipc {name[1]}"
+            accuracy[label] = statistics.fmean(r["accuracy"] for r in row["results"])
         sources.append(
             {"file": str(path), "dataset": run["dataset"], "header": data.get("header"), "val_accuracy": accuracy}
         )
-    # (space, matcher) -> lr -> [accuracy relative to the dataset's best row, one per dataset]
-    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (_, matcher), accuracy in by_dataset.items():
-        best = max(accuracy.values())
-        for spec, acc in accuracy.items():
+    by_dataset = {
+        key: {name: (statistics.fmean(v), recorded_lr[key].get(name)) for name, v in rows.items()}
+        for key, rows in pooled.items()
+    }
+    # group -> lr -> [accuracy relative to the dataset's best row of the same IPC, one per dataset]
+    # groups: (space, matcher) for IPC > 1 (every latent kind together), (kind, space, matcher) at IPC 1
+    many: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    one: dict[tuple[str, str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    datasets_at_one: dict[tuple[str, str, str], set] = defaultdict(set)
+    for (dataset, matcher), accuracy in by_dataset.items():
+        best = {ipc: max(acc for (_, i), (acc, _) in accuracy.items() if i == ipc) for _, ipc in accuracy}
+        for (spec, ipc), (acc, recorded) in accuracy.items():
             parsed = space_of(spec)
-            if parsed is not None:
-                scores[(parsed[0], matcher)][parsed[1]].append(acc - best)
+            if parsed is None or ipc == 1:
+                continue
+            kind, space, lr = parsed
+            lr = lr if lr is not None else recorded  # rows of older files without lr= are left out
+            if lr is not None:
+                many[(space, matcher)][lr].append(acc - best[ipc])
+        for (spec, ipc), (acc, recorded) in accuracy.items():
+            parsed = space_of(spec)
+            if parsed is None or ipc != 1:
+                continue
+            kind, space, lr = parsed
+            lr = lr if lr is not None else recorded
+            if lr is None:  # ran with "auto" before the IPC 1 defaults: the many-image choice of its space
+                lr = choose(many[(space, matcher)])[0] if many.get((space, matcher)) else None
+            if lr is not None:
+                one[(kind, space, matcher)][lr].append(acc - best[ipc])
+                datasets_at_one[(kind, space, matcher)].add(dataset)
     chosen = []
-    for (space, matcher), by_lr in sorted(scores.items()):
-        mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
-        lr = max(mean, key=mean.get)
+    for (space, matcher), by_lr in sorted(many.items()):
+        lr, mean = choose(by_lr)
         chosen.append(
             {
                 "space": space,
@@ -87,6 +129,22 @@ def main() -> None:
             }
         )
         print(f"{space:8s} {matcher}: lr_codes {lr}  (mean val accuracy relative to the best row: {mean})")
+    for (kind, space, matcher), by_lr in sorted(one.items()):
+        lr, mean = choose(by_lr, len(datasets_at_one[(kind, space, matcher)]))
+        chosen.append(
+            {
+                "ipc": 1,
+                "parameterization": kind,
+                "space": space,
+                "matcher": matcher,
+                "lr_codes": lr,
+                "grid": {
+                    str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])}
+                    for k in sorted(mean)
+                },
+            }
+        )
+        print(f"ipc 1 {kind:6s} {space:8s} {matcher}: lr_codes {lr}  (mean relative val accuracy: {mean})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from monai.networks.blocks import UpSample
 from monai.networks.nets import AutoencoderKL
 from torch import nn
 
@@ -38,7 +36,6 @@ __all__ = [
     "default_autoencoder_config",
     "config_hash",
     "load_generator",
-    "upsample_conv",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -117,61 +114,6 @@ def default_autoencoder_config(
     }
 
 
-def _fold_taps(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two 2-tap kernels (even, odd output phase) that a 3-tap kernel along ``dim`` becomes after a nearest 2x
-    upsampling: the even phase reads input ``(i-1, i)`` with taps ``(w0, w1 + w2)``, the odd one ``(i, i+1)`` with
-    ``(w0 + w1, w2)``."""
-    w0, w1, w2 = weight.unbind(dim)
-    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
-
-
-def _is_nearest2x_conv3x3(block: nn.Module) -> bool:
-    """Whether ``block`` is MONAI's ``UpSample`` as the autoencoder builds it: nearest 2x, then a plain 3x3 conv."""
-    if not isinstance(block, UpSample) or set(dict(block.named_children())) != {"upsample_non_trainable", "postconv"}:
-        return False
-    up, post = block.upsample_non_trainable, block.postconv
-    if not isinstance(up, nn.Upsample) or up.mode != "nearest" or up.size is not None:
-        return False
-    if tuple(float(s) for s in torch.as_tensor(up.scale_factor).reshape(-1).tolist()) not in ((2.0,), (2.0, 2.0)):
-        return False
-    conv = getattr(post, "conv", None)
-    return (
-        set(dict(post.named_children())) == {"conv"}
-        and type(conv) is nn.Conv2d
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-    )
-
-
-def upsample_conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` for a decoder block; a nearest 2x upsampling followed by a 3x3 conv is computed without
-    upsampling.
-
-    Every output pixel of that pair reads a 2 x 2 window of the *low-resolution* input, with taps that depend only
-    on its phase (row and column parity). So the four phases are one 2 x 2 conv with four times the output channels
-    over the input padded by one, each phase cropped at its offset and interleaved (sub-pixel convolution). That is
-    the same linear map with 4/9 of the multiply-adds and no upsampled copy of the input; values equal the stock
-    path up to float rounding (tested). Written here because neither torch nor MONAI folds the pair, and the
-    decoder's upsampling conv is the largest part of decoding in distillation. Other blocks run as they are.
-    """
-    if not _is_nearest2x_conv3x3(block) or x.dim() != 4:
-        return block(x)
-    conv = block.postconv.conv
-    out_channels = conv.out_channels
-    n, _, h, w = x.shape
-    kernels = [kab for ka in _fold_taps(conv.weight, 2) for kab in _fold_taps(ka, 3)]  # phases (0,0),(0,1),(1,0),(1,1)
-    bias = conv.bias.repeat(4) if conv.bias is not None else None
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(kernels), bias)  # (n, 4 * out, h + 1, w + 1)
-    y = y.unflatten(1, (2, 2, out_channels))
-    # phase (a, b) of output pixel (2i + a, 2j + b) is y[:, a, b, :, i + a, j + b]
-    rows = [torch.stack([y[:, a, b, :, a : a + h, b : b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
-    return torch.stack(rows, dim=3).reshape(n, out_channels, 2 * h, 2 * w)
-
-
 class AutoencoderKLGenerator(LatentGenerator):
     """A MONAI ``AutoencoderKL`` whose decoder (followed by a sigmoid) is the generator.
 
@@ -227,21 +169,13 @@ class AutoencoderKLGenerator(LatentGenerator):
         )
         self.latent_shape = (latent_channels, image_size // down, image_size // down)
         self.image_shape = (in_channels, image_size, image_size)
-        # decode with each upsampling conv folded (upsample_conv); False runs MONAI's blocks as they are
-        self.fold_upsampling = True
 
     @property
     def has_encoder(self) -> bool:
         return True
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        # MONAI's decode, with the upsampling convs folded (see upsample_conv): the same map up to rounding
-        return torch.sigmoid(self._run_blocks(self.autoencoder.decoder.blocks, self.autoencoder.post_quant_conv(f)))
-
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            x = upsample_conv(block, x) if self.fold_upsampling else block(x)
-        return x
+        return torch.sigmoid(self.autoencoder.decode(f))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean of the encoder (deterministic, as used for initialisation)."""
@@ -254,11 +188,16 @@ class AutoencoderKLGenerator(LatentGenerator):
 
     def decode_head(self, f: torch.Tensor, layer: int) -> torch.Tensor:
         """The decoder's first ``layer`` blocks: bottleneck latent ``f`` to the feature map after block ``layer``."""
-        return self._run_blocks(self.autoencoder.decoder.blocks[:layer], self.autoencoder.post_quant_conv(f))
+        x = self.autoencoder.post_quant_conv(f)
+        for block in self.autoencoder.decoder.blocks[:layer]:
+            x = block(x)
+        return x
 
     def decode_tail(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """The rest of the decoder: a feature map after block ``layer`` to an image in ``[0, 1]``."""
-        return torch.sigmoid(self._run_blocks(self.autoencoder.decoder.blocks[layer:], h))
+        for block in self.autoencoder.decoder.blocks[layer:]:
+            h = block(h)
+        return torch.sigmoid(h)
 
     def layer_shapes(self) -> list[tuple[int, int, int]]:
         """Shape ``(C, h, w)`` of the feature map after each decoder block (index k-1 for ``latent_layer`` k)."""

@@ -131,7 +131,7 @@ def check_distillation_config(
         raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
     check_number("momentum", momentum, 0.0)
     if parameterization in PARAMETERIZATIONS:
-        auto_codes, auto_network = default_learning_rates(parameterization, matcher, int(latent_layer))
+        auto_codes, auto_network = default_learning_rates(parameterization, matcher, int(latent_layer), int(ipc))
     else:
         auto_codes, auto_network = 1.0, 1.0  # nothing is optimised
     lr_codes = auto_codes if lr_codes == "auto" else lr_codes

@@ -10,7 +10,6 @@ from monai_pld.networks.generators import (
     at_layer,
     default_autoencoder_config,
     load_generator,
-    upsample_conv,
 )
 
 
@@ -29,40 +28,6 @@ def test_default_autoencoder_latent_shape(size, downsamplings, latent):
     assert gen.latent_shape == latent
     out = gen.decode(torch.zeros(2, *latent))
     assert out.shape == (2, 3, size, size)
-
-
-@pytest.mark.parametrize("size,downsamplings", [(28, None), (64, None), (30, 1)])
-def test_folded_upsampling_is_monai_decoder(size, downsamplings):
-    """decode folds each nearest-2x + 3x3 conv into a sub-pixel conv: the same map as MONAI's own decoder (values,
-    and gradients for the latent and for the weights, as pretraining needs) up to float rounding."""
-    torch.manual_seed(0)
-    gen = AutoencoderKLGenerator(**default_autoencoder_config(size, 3, downsamplings=downsamplings))
-    ups = [b for b in gen.autoencoder.decoder.blocks if type(b).__name__ == "UpSample"]
-    assert ups  # the case the fold is for is present
-    f = torch.randn(4, *gen.latent_shape, requires_grad=True)
-    weights = [b.postconv.conv.weight for b in ups]
-    ours = gen.decode(f)
-    stock = torch.sigmoid(gen.autoencoder.decode(f))
-    gen.fold_upsampling = False  # the switch the speed benchmark compares with
-    assert torch.equal(gen.decode(f), stock)
-    assert ours.shape == stock.shape == (4, 3, size, size)
-    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
-    probe = torch.randn_like(stock)
-    g_ours = torch.autograd.grad((ours * probe).sum(), [f, *weights])
-    g_stock = torch.autograd.grad((stock * probe).sum(), [f, *weights])
-    for a, b in zip(g_ours, g_stock, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-
-
-def test_upsample_conv_leaves_other_blocks_alone():
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 5, 5)
-    bilinear = torch.nn.Sequential(
-        torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.Conv2d(8, 8, 3, padding=1)
-    )
-    assert torch.equal(upsample_conv(bilinear, x), bilinear(x))
-    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
-    assert torch.equal(upsample_conv(conv, x), conv(x))
 
 
 def test_decode_range_and_gradient():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from monai_pld.defaults import DEFAULT_LEARNING_RATES
+from monai_pld.defaults import DEFAULT_LEARNING_RATES, IPC1_LEARNING_RATES, default_learning_rates
 from monai_pld.utils import (
     ConfigError,
     as_bool,
@@ -42,10 +42,36 @@ def test_auto_learning_rates_are_those_of_the_space(kind, layer, matcher):
 
 
 def test_default_learning_rates_are_the_committed_selection():
-    """The table in monai_pld/defaults.py is the output of benchmarks/select_learning_rates.py, committed as data."""
+    """The tables in monai_pld/defaults.py are the output of benchmarks/select_learning_rates.py, committed as data:
+    the many-image table, and at IPC 1 the value of every parameterisation the selection covered."""
     chosen = json.loads((REPO / "docs" / "tuning" / "learning_rates.json").read_text())
+    at_one = [e for e in chosen["chosen"] if e.get("ipc") == 1]
+    assert at_one and len(at_one) < len(chosen["chosen"])
     for entry in chosen["chosen"]:
-        assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
+        if entry.get("ipc") == 1:
+            layer = 2 if entry["space"] == "feature" else 0
+            lr = default_learning_rates(entry["parameterization"], entry["matcher"], layer, ipc=1)[0]
+            assert lr == entry["lr_codes"], entry
+        else:
+            assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
+    # every IPC 1 exception in the table comes from the selection (DC and MTT take DM's values)
+    for (kind, space, _), lr in IPC1_LEARNING_RATES.items():
+        assert any(e["parameterization"] == kind and e["space"] == space and e["lr_codes"] == lr for e in at_one)
+
+
+@pytest.mark.parametrize("kind,layer", [("slfd", 2), ("latent", 2), ("pixel", 0), ("slfd", 0)])
+def test_auto_learning_rate_at_one_image_per_class(kind, layer):
+    """lr_codes auto at IPC 1 takes the IPC 1 selection where there is one (SLFD in a feature map), else the
+    many-image value of the space; an explicit value is kept."""
+    many = check_distillation_config(**{**GOOD, "parameterization": kind}, latent_layer=layer, lr_codes="auto")
+    one = check_distillation_config(**{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes="auto")
+    space = "pixel" if kind == "pixel" else "feature" if layer else "latent"
+    assert many["lr_codes"] == DEFAULT_LEARNING_RATES[(space, "dm")][0]
+    assert one["lr_codes"] == IPC1_LEARNING_RATES.get((kind, space, "dm"), many["lr_codes"])
+    if (kind, layer) == ("slfd", 2):
+        assert one["lr_codes"] < many["lr_codes"]
+    given = check_distillation_config(**{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes=0.2)
+    assert given["lr_codes"] == 0.2
 
 
 @pytest.mark.parametrize("kind", ["pixel", "random", "full"])
