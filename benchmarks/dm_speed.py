@@ -421,22 +421,19 @@ def main() -> None:
     results: dict = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.memory:
         results["peak_rss_mib"] = peak_memory(args)
-    elif args.arithmetic:
+    elif args.arithmetic or args.parts:
+        measure, what, unit, digits = (
+            (arithmetic, "part", "GMAC (ratios: arithmetic floor)", 3)
+            if args.arithmetic
+            else (parts, "piece", "s (median of 5)", 4)
+        )
         for size in args.sizes:
             for batch in args.batch_real:
                 key = f"{size}px batch {batch}"
-                results[key] = arithmetic(args, size, batch)
-                print(f"| {key}: part | GMAC (ratios: arithmetic floor) |\n| --- | --- |")
+                results[key] = measure(args, size, batch)
+                print(f"| {key}: {what} | {unit} |\n| --- | --- |")
                 for name, value in results[key].items():
-                    print(f"| {name} | {value:.3f} |", flush=True)
-    elif args.parts:
-        for size in args.sizes:
-            for batch in args.batch_real:
-                key = f"{size}px batch {batch}"
-                results[key] = parts(args, size, batch)
-                print(f"| {key}: piece | s (median of 5) |\n| --- | --- |")
-                for name, sec in results[key].items():
-                    print(f"| {name} | {sec:.4f} |", flush=True)
+                    print(f"| {name} | {value:.{digits}f} |", flush=True)
     else:
         for size in args.sizes:
             for batch in args.batch_real:

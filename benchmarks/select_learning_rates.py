@@ -46,12 +46,15 @@ def space_of(spec: str) -> tuple[str, str, float | None] | None:
     return kind, ("pixel" if kind == "pixel" else "feature" if layer else "latent"), lr
 
 
-def choose(by_lr: dict[float, list[float]], datasets: int | None = None) -> tuple[float, dict[float, float]]:
+def choose(by_lr: dict[float, list[float]], datasets: int | None = None) -> dict:
     """The learning rate of the highest mean relative accuracy (among those measured on ``datasets`` datasets,
-    when given) and every mean."""
+    when given), and the grid of every mean."""
     mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
     eligible = [lr for lr in mean if datasets is None or len(by_lr[lr]) == datasets]
-    return max(eligible, key=mean.get), mean
+    return {
+        "lr_codes": max(eligible, key=mean.get),
+        "grid": {str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])} for k in sorted(mean)},
+    }
 
 
 def main() -> None:
@@ -110,41 +113,25 @@ def main() -> None:
             kind, space, lr = parsed
             lr = lr if lr is not None else recorded
             if lr is None:  # ran with "auto" before the IPC 1 defaults: the many-image choice of its space
-                lr = choose(many[(space, matcher)])[0] if many.get((space, matcher)) else None
+                lr = choose(many[(space, matcher)])["lr_codes"] if many.get((space, matcher)) else None
             if lr is not None:
                 one[(kind, space, matcher)][lr].append(acc - best[ipc])
                 datasets_at_one[(kind, space, matcher)].add(dataset)
-    chosen = []
-    for (space, matcher), by_lr in sorted(many.items()):
-        lr, mean = choose(by_lr)
-        chosen.append(
-            {
-                "space": space,
-                "matcher": matcher,
-                "lr_codes": lr,
-                "grid": {
-                    str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])}
-                    for k in sorted(mean)
-                },
-            }
-        )
-        print(f"{space:8s} {matcher}: lr_codes {lr}  (mean val accuracy relative to the best row: {mean})")
-    for (kind, space, matcher), by_lr in sorted(one.items()):
-        lr, mean = choose(by_lr, len(datasets_at_one[(kind, space, matcher)]))
-        chosen.append(
-            {
-                "ipc": 1,
-                "parameterization": kind,
-                "space": space,
-                "matcher": matcher,
-                "lr_codes": lr,
-                "grid": {
-                    str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])}
-                    for k in sorted(mean)
-                },
-            }
-        )
-        print(f"ipc 1 {kind:6s} {space:8s} {matcher}: lr_codes {lr}  (mean relative val accuracy: {mean})")
+    chosen = [{"space": space, "matcher": matcher, **choose(by_lr)} for (space, matcher), by_lr in sorted(many.items())]
+    chosen += [
+        {
+            "ipc": 1,
+            "parameterization": kind,
+            "space": space,
+            "matcher": matcher,
+            **choose(by_lr, len(datasets_at_one[key])),
+        }
+        for key, by_lr in sorted(one.items())
+        for kind, space, matcher in [key]
+    ]
+    for entry in chosen:
+        at = f"ipc 1 {entry['parameterization']} " if entry.get("ipc") == 1 else ""
+        print(f"{at}{entry['space']} {entry['matcher']}: lr_codes {entry['lr_codes']}  (grid: {entry['grid']})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

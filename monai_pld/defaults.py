@@ -33,6 +33,7 @@ DEFAULT_LEARNING_RATES: dict[tuple[str, str], tuple[float, float]] = {
 
 
 # (parameterization, space, matcher) -> lr_codes at IPC 1, where the selection at IPC 1 differs from the table above
+# (selected under DM; DC and MTT take DM's value, as in the table above)
 IPC1_LEARNING_RATES: dict[tuple[str, str, str], float] = {
     ("slfd", "feature", matcher): 0.01 for matcher in ("dm", "dc", "mtt")
 }
