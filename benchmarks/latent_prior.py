@@ -15,13 +15,15 @@ five-class set of benchmarks/comparison.py with --synthetic (written to a tempor
 generators/synthetic_28px_autoencoderkl.pt unless --generator-path says otherwise).
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
-A row is ``kind[:L<layer>][:lr=<lr_codes>][:s=<samples>][:kl=<weight>][:u][:resample]``: ``kind`` is random,
-full, pixel, latent or slfd; ``L2`` distils into the feature map after decoder block 2 instead of the bottleneck;
-``lr=`` overrides the per-space default learning rate; ``s=`` sets SLFD's samples per slot (antithetic when even,
-unless ``u``); ``kl=`` weights the KL of each SLFD slot to its class's latent Gaussian (default 0); ``u`` uses DM's
-unbiased estimator (two independent halves of the samples, so ``s=`` must be even); ``resample`` evaluates
-SLFD with fresh samples every epoch instead of its means. Every row of one seed starts from the same seeded real
-images and is distilled for ``--iterations`` steps with the bundle's defaults for everything not named.
+A row is ``kind[:L<layer>][:lr=<lr_codes>][:net=<lr_network>][:v=<init_log_var>][:s=<samples>][:kl=<weight>][:u]
+[:resample]``: ``kind`` is random, full, pixel, latent or slfd; ``L2`` distils into the feature map after decoder
+block 2 instead of the bottleneck; ``lr=`` overrides the per-space default learning rate; ``net=`` the learning rate
+of SLFD's network (its mean, variance and factor heads); ``v=`` SLFD's initial log-variance; ``s=`` sets SLFD's
+samples per slot (antithetic when even, unless ``u``); ``kl=`` weights the KL of each SLFD slot to its class's
+latent Gaussian (default 0); ``u`` uses DM's unbiased estimator (two independent halves of the samples, so ``s=``
+must be even); ``resample`` evaluates SLFD with fresh samples every epoch instead of its means. Every row of one
+seed starts from the same seeded real images and is distilled for ``--iterations`` steps with the bundle's defaults
+for everything not named.
 """
 
 from __future__ import annotations
@@ -56,12 +58,16 @@ def parse_row(spec: str) -> dict:
     """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
     kind, *options = spec.split(":")
     row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
-    row.update(unbiased=False, kl_weight=0.0)
+    row.update(unbiased=False, kl_weight=0.0, lr_network="auto", init_log_var=None)
     for option in options:
         if option.startswith("L"):
             row["latent_layer"] = int(option[1:])
         elif option.startswith("lr="):
             row["lr_codes"] = float(option[3:])
+        elif option.startswith("net="):
+            row["lr_network"] = float(option[4:])
+        elif option.startswith("v="):
+            row["init_log_var"] = float(option[2:])
         elif option.startswith("s="):
             row["samples"] = int(option[2:])
         elif option.startswith("kl="):
@@ -87,6 +93,8 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         generator_policy="any" if args.generator_any else "match",
         latent_layer=row["latent_layer"],
         lr_codes=row["lr_codes"],
+        lr_network=row["lr_network"],
+        parameterization_options={} if row["init_log_var"] is None else {"init_log_var": row["init_log_var"]},
         samples_per_slot=row["samples"],
         antithetic=row["samples"] % 2 == 0 and not row["unbiased"],
         kl_weight=row["kl_weight"],
@@ -120,6 +128,19 @@ def resolved_lr(row: dict, args, ipc: int) -> float | None:
     return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc)[0]
 
 
+# what lr_network "auto" resolved to for every SLFD set saved before the network's rate was selected
+NETWORK_LR_OF_EARLIER_SETS = 0.001
+
+
+def resolved_network_lr(row: dict, args, ipc: int) -> float | None:
+    """The learning rate of SLFD's network a row distils with (``auto`` resolved); ``None`` for other kinds."""
+    if row["kind"] != "slfd":
+        return None
+    if row["lr_network"] != "auto":
+        return float(row["lr_network"])
+    return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc)[1]
+
+
 def set_name(row: dict, args, ipc: int, seed: int) -> str:
     """A name for every setting that changes a distilled set (not for how it is used, e.g. ``resample``)."""
     lr = row["lr_codes"]
@@ -131,6 +152,10 @@ def set_name(row: dict, args, ipc: int, seed: int) -> str:
     name = f"{row['kind']}_L{row['latent_layer']}_lr{lr}_s{row['samples']}_ipc{ipc}_seed{seed}"
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
     name += f"_kl{row['kl_weight']}" if row["kl_weight"] else ""
+    net = resolved_network_lr(row, args, ipc)
+    if row["lr_network"] != "auto" or (net is not None and net != NETWORK_LR_OF_EARLIER_SETS):
+        name += f"_net{net}"  # sets saved while "auto" meant the earlier value keep their names
+    name += f"_v{row['init_log_var']}" if row["init_log_var"] is not None else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
     return name
@@ -153,6 +178,24 @@ def saved_or_distilled(row: dict, train, args, ipc: int, seed: int):
     export_distilled_set(folder, param, generator, train.class_names)
     (folder / "record.json").write_text(json.dumps({"seconds": seconds, "final_loss": loss}))
     return param, generator, seconds, loss
+
+
+def slot_spread(param) -> dict | None:
+    """An SLFD set's spread, RMS per latent element: the network's shift of each slot's mean away from its code
+    (``mu - u``), the noise around the mean (``sqrt(d + sum P^2)``) and, for scale, the spread of the codes across
+    slots; with the range of the log-variance, which starts at ``init_log_var`` everywhere: whether the distribution
+    was learnt or kept its start."""
+    if not hasattr(param, "parameters_of_distribution") or not param.stochastic:
+        return None
+    with torch.no_grad():
+        mu, factor, diag = param.parameters_of_distribution()
+        noise_var = diag + factor.pow(2).sum(-1)
+        return {
+            "mean_shift_rms": (mu - param.codes.flatten(1)).pow(2).mean().sqrt().item(),
+            "noise_rms": noise_var.mean().sqrt().item(),
+            "code_spread_rms": param.codes.flatten(1).std(0).pow(2).mean().sqrt().item(),
+            "log_var_range": [diag.log().min().item(), diag.log().max().item()],
+        }
 
 
 def evaluate(source, train, test, args, seed, backbones):
@@ -286,7 +329,7 @@ def main() -> None:
     for ipc in args.ipc:
         for spec in args.rows:
             row = parse_row(spec)
-            results, seconds_all, losses = [], [], []
+            results, seconds_all, losses, spreads = [], [], [], []
             for seed in args.seeds:
                 if row["kind"] in ("random", "full"):
                     source = load_image_source(row["kind"], train, ipc=ipc, seed=seed)
@@ -296,6 +339,7 @@ def main() -> None:
                     if key not in distilled:
                         distilled[key] = saved_or_distilled(row, train, args, ipc, seed)
                     param, generator, seconds, loss = distilled[key]
+                    spreads.append(slot_spread(param))
                     source = ImageSource.from_distribution(param, generator, {"kind": spec}, row["mode"], seed)
                 results += evaluate(source, train, test, args, seed, args.backbones)
                 seconds_all.append(seconds)
@@ -305,9 +349,11 @@ def main() -> None:
                     "row": spec,
                     "ipc": ipc,
                     "lr_codes": resolved_lr(row, args, ipc),
+                    "lr_network": resolved_network_lr(row, args, ipc),
                     "results": results,
                     "distil_seconds": seconds_all,
                     "final_loss": losses,
+                    **({"slot_spread": spreads} if any(spreads) else {}),
                 }
             )
             accs = {b: statistics.fmean(r["accuracy"] for r in results if r["backbone"] == b) for b in args.backbones}

@@ -23,6 +23,12 @@ slot per class changes what a step does; among their learning rates only those m
 group compete. A row run without ``lr=`` took ``lr_codes: auto``: files that record the value it resolved to
 (``lr_codes`` of the row) give it; older ones ran before the IPC 1 defaults, when ``auto`` meant the many-image
 value of the space, which this script chooses first.
+
+SLFD's network (its mean, variance and factor heads) has a learning rate of its own, ``lr_network``: rows
+``slfd[:L<layer>]:net=<rate>`` compete with the plain ``slfd[:L<layer>]`` row (which ran with the rate it records,
+or, in files written before rows recorded it, with 0.001, the only value ``auto`` had then), per space and matcher,
+among the rates measured on every dataset of the group. Only rows that vary nothing but the learning rate take part
+in either choice (a row with ``s=``, ``kl=``, ``v=``... is an ablation, not a point of the grid).
 """
 
 from __future__ import annotations
@@ -34,25 +40,31 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+# lr_network "auto" of every SLFD row run before the network's rate was selected (and recorded by latent_prior.py)
+NETWORK_LR_BEFORE_SELECTION = 0.001
 
-def space_of(spec: str) -> tuple[str, str, float | None] | None:
-    """``latent:L2:lr=0.03`` -> ``("latent", "feature", 0.03)``: kind, space and the explicit learning rate (``None``
-    without one); ``None`` for the real-image baselines."""
+
+def space_of(spec: str, rate: str = "lr=") -> tuple[str, str, float | None] | None:
+    """``latent:L2:lr=0.03`` -> ``("latent", "feature", 0.03)``: kind, space and the explicit learning rate named by
+    ``rate`` (``lr=`` for the codes, ``net=`` for SLFD's network; ``None`` without one); ``None`` for the real-image
+    baselines and for rows that set anything but the layer and that rate."""
     kind, *options = spec.split(":")
     if kind not in ("pixel", "latent", "slfd"):
         return None
-    lr = next((float(o[3:]) for o in options if o.startswith("lr=")), None)
+    if any(not (o.startswith("L") or o.startswith(rate)) for o in options):
+        return None
+    lr = next((float(o[len(rate) :]) for o in options if o.startswith(rate)), None)
     layer = any(o.startswith("L") and o[1:] != "0" for o in options)
     return kind, ("pixel" if kind == "pixel" else "feature" if layer else "latent"), lr
 
 
-def choose(by_lr: dict[float, list[float]], datasets: int | None = None) -> dict:
+def choose(by_lr: dict[float, list[float]], datasets: int | None = None, key: str = "lr_codes") -> dict:
     """The learning rate of the highest mean relative accuracy (among those measured on ``datasets`` datasets,
     when given), and the grid of every mean."""
     mean = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
     eligible = [lr for lr in mean if datasets is None or len(by_lr[lr]) == datasets]
     return {
-        "lr_codes": max(eligible, key=mean.get),
+        key: max(eligible, key=mean.get),
         "grid": {str(k): {"relative_val_accuracy": round(mean[k], 4), "datasets": len(by_lr[k])} for k in sorted(mean)},
     }
 
@@ -66,12 +78,17 @@ def main() -> None:
     # are pooled, each row's mean taken over all their classifiers
     pooled: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     recorded_lr: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
+    recorded_net: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
     sources = []
+    budgets: dict[tuple, list[str]] = {}
     for path in args.results:
         data = json.loads(Path(path).read_text())
         run = data["args"]
         if run["split"] != "val":
             raise SystemExit(f"{path} was tested on the {run['split']!r} split: choose defaults on 'val' only")
+        budgets.setdefault((run["iterations"], run.get("batch_real")), []).append(str(path))
+        if len(budgets) > 1:
+            raise SystemExit(f"results of different budgets (iterations, real batch) cannot be compared: {budgets}")
         # a dataset is its name and its file or folder name: the same file read from another place is the same data
         key = (f"{run['dataset']} {Path(str(run['data_dir'])).name}", run["matcher"])
         accuracy = {}
@@ -82,6 +99,7 @@ def main() -> None:
             pooled[key][name] += [r["accuracy"] for r in row["results"]]
             if row.get("lr_codes") is not None:
                 recorded_lr[key][name] = float(row["lr_codes"])
+            recorded_net[key][name] = float(row.get("lr_network") or NETWORK_LR_BEFORE_SELECTION)
             label = row["row"] if name[1] == 10 else f"{row['row']} ipc {name[1]}"
             accuracy[label] = statistics.fmean(r["accuracy"] for r in row["results"])
         sources.append(
@@ -117,7 +135,26 @@ def main() -> None:
             if lr is not None:
                 one[(kind, space, matcher)][lr].append(acc - best[ipc])
                 datasets_at_one[(kind, space, matcher)].add(dataset)
+    # SLFD's network rate, IPC > 1: (space, matcher) -> rate -> relative accuracies, one per dataset
+    network: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    datasets_of_network: dict[tuple[str, str], set] = defaultdict(set)
+    for (dataset, matcher), accuracy in by_dataset.items():
+        best = {ipc: max(acc for (_, i), (acc, _) in accuracy.items() if i == ipc) for _, ipc in accuracy}
+        for (spec, ipc), (acc, _) in accuracy.items():
+            parsed = space_of(spec, "net=")
+            if parsed is None or parsed[0] != "slfd" or ipc == 1:
+                continue
+            _, space, net = parsed
+            net = net if net is not None else recorded_net[(dataset, matcher)][(spec, ipc)]
+            network[(space, matcher)][net].append(acc - best[ipc])
+            datasets_of_network[(space, matcher)].add(dataset)
     chosen = [{"space": space, "matcher": matcher, **choose(by_lr)} for (space, matcher), by_lr in sorted(many.items())]
+    chosen += [
+        {"parameterization": "slfd", "space": space, "matcher": matcher}
+        | choose(by_lr, len(datasets_of_network[(space, matcher)]), key="lr_network")
+        for (space, matcher), by_lr in sorted(network.items())
+        if len(by_lr) > 1  # a choice needs a grid: one rate alone is only the default it ran with
+    ]
     chosen += [
         {
             "ipc": 1,
@@ -131,7 +168,9 @@ def main() -> None:
     ]
     for entry in chosen:
         at = f"ipc 1 {entry['parameterization']} " if entry.get("ipc") == 1 else ""
-        print(f"{at}{entry['space']} {entry['matcher']}: lr_codes {entry['lr_codes']}  (grid: {entry['grid']})")
+        rate = "lr_network" if "lr_network" in entry else "lr_codes"
+        at += "slfd network " if rate == "lr_network" else ""
+        print(f"{at}{entry['space']} {entry['matcher']}: {rate} {entry[rate]}  (grid: {entry['grid']})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

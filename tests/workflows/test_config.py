@@ -52,24 +52,37 @@ def test_default_learning_rates_are_the_committed_selection():
             layer = 2 if entry["space"] == "feature" else 0
             lr = default_learning_rates(entry["parameterization"], entry["matcher"], layer, ipc=1)[0]
             assert lr == entry["lr_codes"], entry
+        elif "lr_network" in entry:  # SLFD's network, selected on its own grid
+            assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][1] == entry["lr_network"], entry
         else:
             assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
     # every IPC 1 exception in the table comes from the selection (DC and MTT take DM's values)
     for (kind, space, _), lr in IPC1_LEARNING_RATES.items():
         assert any(e["parameterization"] == kind and e["space"] == space and e["lr_codes"] == lr for e in at_one)
+    # every network rate other than the original 0.001 comes from a selection of its own (space and matcher)
+    network = {(e["space"], e["matcher"]): e["lr_network"] for e in chosen["chosen"] if "lr_network" in e}
+    assert network
+    for key, (_, lr_network) in DEFAULT_LEARNING_RATES.items():
+        assert lr_network == network.get(key, 0.001), key
 
 
 @pytest.mark.parametrize("kind,layer", [("slfd", 2), ("latent", 2), ("pixel", 0), ("slfd", 0)])
 def test_auto_learning_rate_at_one_image_per_class(kind, layer):
     """lr_codes auto at IPC 1 takes the IPC 1 selection where there is one (SLFD in a feature map), else the
     many-image value of the space; an explicit value is kept."""
-    many = check_distillation_config(**{**GOOD, "parameterization": kind}, latent_layer=layer, lr_codes="auto")
-    one = check_distillation_config(**{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes="auto")
+    many = check_distillation_config(
+        **{**GOOD, "parameterization": kind}, latent_layer=layer, lr_codes="auto", lr_network="auto"
+    )
+    one = check_distillation_config(
+        **{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes="auto", lr_network="auto"
+    )
     space = "pixel" if kind == "pixel" else "feature" if layer else "latent"
     assert many["lr_codes"] == DEFAULT_LEARNING_RATES[(space, "dm")][0]
     assert one["lr_codes"] == IPC1_LEARNING_RATES.get((kind, space, "dm"), many["lr_codes"])
     if (kind, layer) == ("slfd", 2):
         assert one["lr_codes"] < many["lr_codes"]
+        # the network's rate was selected at IPC 10; IPC 1 keeps the one its own selection ran with
+        assert many["lr_network"] == DEFAULT_LEARNING_RATES[("feature", "dm")][1] > one["lr_network"] == 0.001
     given = check_distillation_config(**{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes=0.2)
     assert given["lr_codes"] == 0.2
 

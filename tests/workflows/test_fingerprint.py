@@ -87,6 +87,7 @@ def test_the_distilled_set_is_unchanged(tiny_run, one_thread, kind, matcher):
         rank=2,
         samples_per_slot=2,
         batch_real_per_class=4,
+        lr_network=0.001,  # the rate the hashes were recorded with: they guard the arithmetic, not the defaults
         seed=0,
         device="cpu",
         matcher_args={"embedder_kwargs": {"width": 16}} if matcher == "dm" else {"loops": [2, 1]},
