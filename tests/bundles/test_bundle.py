@@ -166,8 +166,8 @@ def test_image_size_64(tmp_path):
 def test_torchrun_with_two_ranks_distils_what_one_process_does(finished_run, tmp_path):
     """`torchrun --nproc_per_node 2 -m monai.bundle run`: the generator is pretrained data-parallel, the classes
     are split, rank 0 alone writes and logs, and the distilled set is the single-process one up to the order of
-    floating-point sums (the generator's first Adam steps and the one process's 2 threads against the ranks' 1 turn
-    those into a few uint8 levels on a few pixels)."""
+    floating-point sums (the generator's first Adam steps, the slot network's and the one process's 2 threads against
+    the ranks' 1 turn those into a few uint8 levels)."""
     _, data, one, _ = finished_run
     out = tmp_path / "run"
     proc = run_bundle(tmp_path, data, *TINY, "--output_dir", out, "--run_name", "two", ranks=2)
@@ -175,9 +175,11 @@ def test_torchrun_with_two_ranks_distils_what_one_process_does(finished_run, tmp
     with np.load(one / "distilled" / "images.npz") as a, np.load(out / "distilled" / "images.npz") as b:
         assert np.array_equal(a["labels"], b["labels"])
         diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
-    # Not a different set (with --seed 1, 3 % of the values are equal and they differ by 13 levels on average): the
-    # same one, the order of float sums moving a minority of values by a level or two (about 5 % of them here).
-    assert diff.max() <= 3 and (diff == 0).mean() > 0.8
+    # Not a different set (with --seed 1, 1.4 % of the values are equal, 16 % within 5 levels, 22 levels apart on
+    # average): the same one, the order of float sums moving values by a few levels. Adam's steps are about the
+    # learning rate whatever a gradient's size, so a near-zero gradient element that the order flips moves by twice
+    # the rate; at SLFD's network rate of 0.01 that gave 1.6 levels on average here, 99 % of values within 5.
+    assert diff.mean() < 3 and (diff <= 5).mean() > 0.95
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("monai_pld").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["pretrain_pathmnist_28px", "two"]  # once, not once per rank
