@@ -45,11 +45,12 @@ from comparison import synthetic_medmnist  # benchmarks/, on the path when run a
 from ignite.engine import Events
 
 from monai_pld.data import ImageSet, load_dataset
-from monai_pld.defaults import default_learning_rates
+from monai_pld.defaults import UNSELECTED_NETWORK_RATE, default_learning_rates
 from monai_pld.engines.generator import pretrain_generator
 from monai_pld.evaluation import ImageSource, load_image_source, train_and_test
 from monai_pld.formats import export_distilled_set, load_distribution
 from monai_pld.networks.generators import PixelGenerator, load_generator
+from monai_pld.parameterizations import SLFDistribution
 from monai_pld.utils import derive_seed
 from monai_pld.workflows import build_trainer
 
@@ -128,10 +129,6 @@ def resolved_lr(row: dict, args, ipc: int) -> float | None:
     return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc)[0]
 
 
-# what lr_network "auto" resolved to for every SLFD set saved before the network's rate was selected
-NETWORK_LR_OF_EARLIER_SETS = 0.001
-
-
 def resolved_network_lr(row: dict, args, ipc: int) -> float | None:
     """The learning rate of SLFD's network a row distils with (``auto`` resolved); ``None`` for other kinds."""
     if row["kind"] != "slfd":
@@ -153,8 +150,8 @@ def set_name(row: dict, args, ipc: int, seed: int) -> str:
     name += f"_it{args.iterations}_{Path(args.generator_path).stem}" + ("_unbiased" if row["unbiased"] else "")
     name += f"_kl{row['kl_weight']}" if row["kl_weight"] else ""
     net = resolved_network_lr(row, args, ipc)
-    if row["lr_network"] != "auto" or (net is not None and net != NETWORK_LR_OF_EARLIER_SETS):
-        name += f"_net{net}"  # sets saved while "auto" meant the earlier value keep their names
+    if net is not None and net != UNSELECTED_NETWORK_RATE:  # the only rate before it was selected: no suffix
+        name += f"_net{net}"
     name += f"_v{row['init_log_var']}" if row["init_log_var"] is not None else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
@@ -185,7 +182,7 @@ def slot_spread(param) -> dict | None:
     (``mu - u``), the noise around the mean (``sqrt(d + sum P^2)``) and, for scale, the spread of the codes across
     slots; with the range of the log-variance, which starts at ``init_log_var`` everywhere: whether the distribution
     was learnt or kept its start."""
-    if not hasattr(param, "parameters_of_distribution") or not param.stochastic:
+    if not isinstance(param, SLFDistribution) or not param.stochastic:
         return None
     with torch.no_grad():
         mu, factor, diag = param.parameters_of_distribution()

@@ -26,9 +26,10 @@ value of the space, which this script chooses first.
 
 SLFD's network (its mean, variance and factor heads) has a learning rate of its own, ``lr_network``: rows
 ``slfd[:L<layer>]:net=<rate>`` compete with the plain ``slfd[:L<layer>]`` row (which ran with the rate it records,
-or, in files written before rows recorded it, with 0.001, the only value ``auto`` had then), per space and matcher,
-among the rates measured on every dataset of the group. Only rows that vary nothing but the learning rate take part
-in either choice (a row with ``s=``, ``kl=``, ``v=``... is an ablation, not a point of the grid).
+or, in files written before rows recorded it, with ``monai_pld.defaults.UNSELECTED_NETWORK_RATE``, the only value
+``auto`` had then), per space and matcher, among the rates measured on every dataset of the group. Only rows that
+vary nothing but the learning rate take part in either choice (a row with ``s=``, ``kl=``, ``v=``... is an
+ablation, not a point of the grid).
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-# lr_network "auto" of every SLFD row run before the network's rate was selected (and recorded by latent_prior.py)
-NETWORK_LR_BEFORE_SELECTION = 0.001
+from monai_pld.defaults import UNSELECTED_NETWORK_RATE
 
 
 def space_of(spec: str, rate: str = "lr=") -> tuple[str, str, float | None] | None:
@@ -99,7 +99,8 @@ def main() -> None:
             pooled[key][name] += [r["accuracy"] for r in row["results"]]
             if row.get("lr_codes") is not None:
                 recorded_lr[key][name] = float(row["lr_codes"])
-            recorded_net[key][name] = float(row.get("lr_network") or NETWORK_LR_BEFORE_SELECTION)
+            if row.get("lr_network") is not None:
+                recorded_net[key][name] = float(row["lr_network"])
             label = row["row"] if name[1] == 10 else f"{row['row']} ipc {name[1]}"
             accuracy[label] = statistics.fmean(r["accuracy"] for r in row["results"])
         sources.append(
@@ -114,6 +115,9 @@ def main() -> None:
     many: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     one: dict[tuple[str, str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     datasets_at_one: dict[tuple[str, str, str], set] = defaultdict(set)
+    # SLFD's network rate at IPC > 1: (space, matcher) -> rate -> relative accuracies, one per dataset
+    network: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    datasets_of_network: dict[tuple[str, str], set] = defaultdict(set)
     for (dataset, matcher), accuracy in by_dataset.items():
         best = {ipc: max(acc for (_, i), (acc, _) in accuracy.items() if i == ipc) for _, ipc in accuracy}
         for (spec, ipc), (acc, recorded) in accuracy.items():
@@ -124,6 +128,14 @@ def main() -> None:
             lr = lr if lr is not None else recorded  # rows of older files without lr= are left out
             if lr is not None:
                 many[(space, matcher)][lr].append(acc - best[ipc])
+        for (spec, ipc), (acc, _) in accuracy.items():  # SLFD's network rate, IPC > 1
+            parsed = space_of(spec, "net=")
+            if parsed is None or parsed[0] != "slfd" or ipc == 1:
+                continue
+            _, space, net = parsed
+            net = net if net is not None else recorded_net[(dataset, matcher)].get((spec, ipc), UNSELECTED_NETWORK_RATE)
+            network[(space, matcher)][net].append(acc - best[ipc])
+            datasets_of_network[(space, matcher)].add(dataset)
         for (spec, ipc), (acc, recorded) in accuracy.items():
             parsed = space_of(spec)
             if parsed is None or ipc != 1:
@@ -135,19 +147,6 @@ def main() -> None:
             if lr is not None:
                 one[(kind, space, matcher)][lr].append(acc - best[ipc])
                 datasets_at_one[(kind, space, matcher)].add(dataset)
-    # SLFD's network rate, IPC > 1: (space, matcher) -> rate -> relative accuracies, one per dataset
-    network: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    datasets_of_network: dict[tuple[str, str], set] = defaultdict(set)
-    for (dataset, matcher), accuracy in by_dataset.items():
-        best = {ipc: max(acc for (_, i), (acc, _) in accuracy.items() if i == ipc) for _, ipc in accuracy}
-        for (spec, ipc), (acc, _) in accuracy.items():
-            parsed = space_of(spec, "net=")
-            if parsed is None or parsed[0] != "slfd" or ipc == 1:
-                continue
-            _, space, net = parsed
-            net = net if net is not None else recorded_net[(dataset, matcher)][(spec, ipc)]
-            network[(space, matcher)][net].append(acc - best[ipc])
-            datasets_of_network[(space, matcher)].add(dataset)
     chosen = [{"space": space, "matcher": matcher, **choose(by_lr)} for (space, matcher), by_lr in sorted(many.items())]
     chosen += [
         {"parameterization": "slfd", "space": space, "matcher": matcher}

@@ -9,7 +9,7 @@ split); its output is committed as ``docs/tuning/learning_rates.json`` and a tes
 One image per class is its own regime: with a single slot per class, SLFD's best step in a decoder feature map was
 smaller than at ten (0.01 against 0.03) on both validation splits, while the deterministic codes disagreed between
 them and keep the many-image value. ``IPC1_LEARNING_RATES`` holds the values chosen at IPC 1; there SLFD's network
-keeps the rate (0.001) that selection ran with.
+keeps ``UNSELECTED_NETWORK_RATE``, the rate that selection ran with.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "SPACES",
     "DEFAULT_LEARNING_RATES",
     "IPC1_LEARNING_RATES",
+    "UNSELECTED_NETWORK_RATE",
     "latent_space",
     "default_learning_rates",
 ]
@@ -26,16 +27,19 @@ __all__ = [
 OPTIMIZERS = ("adam", "sgd")
 SPACES = ("pixel", "latent", "feature")
 
-# space -> (lr_codes, lr_network) for Adam. DC and MTT take DM's codes rates: only DM was selected on this CPU.
-_BY_SPACE: dict[str, tuple[float, float]] = {"pixel": (0.01, 0.001), "latent": (0.1, 0.001), "feature": (0.03, 0.001)}
-# SLFD's network rate where it was selected (under DM, in a decoder feature map): at 0.001 its heads barely move in
-# a run of a few hundred steps, so the slots' means and spread stay near their start; 0.01 was better on both
-# validation splits and 0.03 let the variance run away to its clamp. DC and MTT keep 0.001, the rate their tables
-# were measured with (RetinaMNIST's DC validation split showed no winner between 0.001 and 0.01).
+# space -> lr_codes for Adam. DC and MTT take DM's values: only DM was selected on this CPU.
+_CODES_BY_SPACE: dict[str, float] = {"pixel": 0.01, "latent": 0.1, "feature": 0.03}
+# SLFD's network rate wherever no selection chose one: DC, MTT, the bottleneck and IPC 1, whose tables and
+# selections ran with it (RetinaMNIST's DC validation split showed no winner between it and 0.01).
+UNSELECTED_NETWORK_RATE = 0.001
+# (space, matcher) -> lr_network where it was selected: at 0.001 the network barely moves in a run of a few hundred
+# DM steps, so the slots' means and spread stay near their start; 0.01 was better on both validation splits and 0.03
+# let the variance run away to its clamp.
 _NETWORK_SELECTED: dict[tuple[str, str], float] = {("feature", "dm"): 0.01}
+# (space, matcher) -> (lr_codes, lr_network)
 DEFAULT_LEARNING_RATES: dict[tuple[str, str], tuple[float, float]] = {
-    (space, matcher): (codes, _NETWORK_SELECTED.get((space, matcher), network))
-    for space, (codes, network) in _BY_SPACE.items()
+    (space, matcher): (codes, _NETWORK_SELECTED.get((space, matcher), UNSELECTED_NETWORK_RATE))
+    for space, codes in _CODES_BY_SPACE.items()
     for matcher in ("dm", "dc", "mtt")
 }
 
@@ -65,5 +69,5 @@ def default_learning_rates(
     lr_codes, lr_network = DEFAULT_LEARNING_RATES[(space, matcher)]
     if ipc == 1:
         lr_codes = IPC1_LEARNING_RATES.get((parameterization, space, matcher), lr_codes)
-        lr_network = _BY_SPACE[space][1]  # the IPC 1 rates were selected with the network at its original rate
+        lr_network = UNSELECTED_NETWORK_RATE  # the rate the IPC 1 selection ran with
     return lr_codes, lr_network

@@ -4,7 +4,12 @@ import pytest
 import torch
 from helpers import REPO
 
-from monai_pld.defaults import DEFAULT_LEARNING_RATES, IPC1_LEARNING_RATES, default_learning_rates
+from monai_pld.defaults import (
+    DEFAULT_LEARNING_RATES,
+    IPC1_LEARNING_RATES,
+    UNSELECTED_NETWORK_RATE,
+    default_learning_rates,
+)
 from monai_pld.utils import (
     ConfigError,
     as_bool,
@@ -59,11 +64,11 @@ def test_default_learning_rates_are_the_committed_selection():
     # every IPC 1 exception in the table comes from the selection (DC and MTT take DM's values)
     for (kind, space, _), lr in IPC1_LEARNING_RATES.items():
         assert any(e["parameterization"] == kind and e["space"] == space and e["lr_codes"] == lr for e in at_one)
-    # every network rate other than the original 0.001 comes from a selection of its own (space and matcher)
+    # every network rate other than the unselected one comes from a selection of its own (space and matcher)
     network = {(e["space"], e["matcher"]): e["lr_network"] for e in chosen["chosen"] if "lr_network" in e}
     assert network
     for key, (_, lr_network) in DEFAULT_LEARNING_RATES.items():
-        assert lr_network == network.get(key, 0.001), key
+        assert lr_network == network.get(key, UNSELECTED_NETWORK_RATE), key
 
 
 @pytest.mark.parametrize("kind,layer", [("slfd", 2), ("latent", 2), ("pixel", 0), ("slfd", 0)])
@@ -82,7 +87,8 @@ def test_auto_learning_rate_at_one_image_per_class(kind, layer):
     if (kind, layer) == ("slfd", 2):
         assert one["lr_codes"] < many["lr_codes"]
         # the network's rate was selected at IPC 10; IPC 1 keeps the one its own selection ran with
-        assert many["lr_network"] == DEFAULT_LEARNING_RATES[("feature", "dm")][1] > one["lr_network"] == 0.001
+        assert many["lr_network"] == DEFAULT_LEARNING_RATES[("feature", "dm")][1] > one["lr_network"]
+        assert one["lr_network"] == UNSELECTED_NETWORK_RATE
     given = check_distillation_config(**{**GOOD, "parameterization": kind, "ipc": 1}, latent_layer=layer, lr_codes=0.2)
     assert given["lr_codes"] == 0.2
 
