@@ -302,6 +302,7 @@ def distil_tiny(
     resume=False,
     die_at=None,
     fail_at=None,
+    dm_args=None,
 ):
     """A few distillation iterations on the small PathMNIST-layout file in ``data_dir``; rank 0 saves the learnt
     state and the last output to ``out`` (a ``.pt`` file). Rank 1 exits abruptly at iteration ``die_at`` (a killed
@@ -329,7 +330,7 @@ def distil_tiny(
         optimizer=optimizer,
         seed=0,
         device="cpu",
-        matcher_args={"embedder_kwargs": {"width": 16}} if matcher == "dm" else {"loops": [2, 1]},
+        matcher_args={"embedder_kwargs": {"width": 16}, **(dm_args or {})} if matcher == "dm" else {"loops": [2, 1]},
         checkpoint_dir=checkpoint_dir,
         checkpoint_interval=1,
         resume=resume,
@@ -371,6 +372,7 @@ def distributed_scenarios(data_dir, out_dir, generator_path):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     distil_tiny(data_dir, out / "dm_pixel.pt", "pixel", "dm")
+    distil_tiny(data_dir, out / "dm_pixel_std.pt", "pixel", "dm", dm_args={"std_weight": 1.0})
     # kl_weight 0.01 (and 0.1, once the means and samples shared one pass of the slot network) put one activation of
     # this tiny run within rounding of a non-smooth point at its last iteration, where two summation orders of the
     # same step part by 1e-4 (1e-7 the step before): a weight away from that coincidence

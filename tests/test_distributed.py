@@ -42,6 +42,7 @@ def _close(a, b, rtol, atol=0.0):
     "name,rtol,atol",
     [
         ("dm_pixel", 1e-5, 1e-6),  # Adam; pixel codes
+        ("dm_pixel_std", 1e-5, 1e-6),  # the spread term: second moments summed over ranks with the means
         ("dm_slfd", 1e-4, 1e-6),  # SGD through the generator, the KL counted once, 2 samples per slot + the means
         ("dc_pixel", 1e-4, 1e-6),  # DC: a split of the per-class terms; the inner network stays whole
     ],

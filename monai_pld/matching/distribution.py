@@ -81,6 +81,12 @@ class DistributionMatcher(Matcher):
             the *expected* synthetic mean, so the spread of the samples is not penalised; the pooled loss adds the
             variance of the synthetic mean, which pushes every slot's distribution towards a point. Without groups
             (deterministic sets) both estimators are the pooled loss.
+        std_weight: weight of a second term that compares the per-class *spread* of the embeddings:
+            ``std_weight * sum_c || sd_i phi(A(x_real,c,i)) - sd_j phi(A(x_syn,c,j)) ||^2`` with per-feature standard
+            deviations (Bessel-corrected; classes with fewer than two synthetic images contribute only their mean
+            term). 0 (default) is the reference's loss. The mean term alone is blind to how a class's images spread
+            around their mean, and it penalises the spread of a distribution's samples; the spread term gives a
+            probabilistic set's variance a target, the real images' spread. Pooled estimator only.
 
     Raises:
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
@@ -102,11 +108,17 @@ class DistributionMatcher(Matcher):
         channels_last: bool = False,
         compile: bool = False,
         estimator: str = "pooled",
+        std_weight: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes, image_size, mean, std, seed)
         if estimator not in ESTIMATORS:
             raise ValueError(f"DM estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
         self.estimator = estimator
+        if isinstance(std_weight, bool) or not isinstance(std_weight, int | float) or not std_weight >= 0:
+            raise ValueError(f"DM std_weight must be a number >= 0 (0: means only), got {std_weight!r}")
+        if std_weight and estimator != "pooled":
+            raise ValueError("DM std_weight needs the pooled estimator; set estimator to 'pooled' or std_weight to 0")
+        self.std_weight = float(std_weight)
         self.augment = DiffSiameseAugment(dsa_strategy) if dsa_strategy else None
         self.embedder_name = embedder
         self.embedder_kwargs = dict(embedder_kwargs or {})
@@ -145,6 +157,7 @@ class DistributionMatcher(Matcher):
             "channels_last": self.channels_last,
             "compile": self.compile,
             "estimator": self.estimator,
+            "std_weight": self.std_weight,
         }
 
     def _compiled_embed(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -266,11 +279,16 @@ class DistributionMatcher(Matcher):
                 real = self.augment(real, dsa_seed, groups=real_labels)
             with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=self.real_dtype == "bfloat16"):
                 features = self._embed(net, real)
-            real_sum, real_count = self._class_sums(features.float(), real_labels)
+            features = features.float()
+            if self.std_weight:  # second moments ride along with the sums (and their all-reduce), in float64:
+                features = self._with_squares(features)  # the variance is their difference with the squared mean
+            real_sum, real_count = self._class_sums(features, real_labels)
         syn = self.normalize(syn_images)
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
         syn_features = self._embed(net, syn)
+        if self.std_weight:
+            syn_features = self._with_squares(syn_features)
         if not paired:
             halves = [self._class_sums(syn_features, syn_labels)]
         else:
@@ -286,5 +304,27 @@ class DistributionMatcher(Matcher):
         for syn_sum, syn_count in halves:
             residuals.append(real_mean - syn_sum / syn_count.clamp_min(1).unsqueeze(1).to(syn_sum.dtype))
             present = present & (syn_count > 0)
+        if self.std_weight:
+            (syn_sum, syn_count), width = halves[0], real_sum.shape[1] // 2
+            residual = residuals[0][:, :width]
+            spread = self._std(syn_sum, syn_count, width) - self._std(real_sum, real_count, width)
+            both = present & (real_count > 1) & (syn_count > 1)
+            loss = (residual.square().sum(1) * present.to(residual.dtype)).sum()
+            return (loss + self.std_weight * (spread.square().sum(1) * both.to(spread.dtype)).sum()).to(syn.dtype)
         # pooled: |r - s|^2; unbiased: <r - a, r - b>, whose expectation over independent halves is |r - E s|^2
         return ((residuals[0] * residuals[-1]).sum(1) * present.to(real_mean.dtype)).sum()
+
+    @staticmethod
+    def _with_squares(features: torch.Tensor) -> torch.Tensor:
+        """``[features, features^2]`` in float64 (float32 sums of squares lose the variance of a few close images)."""
+        features = features.double()
+        return torch.cat([features, features.square()], 1)
+
+    @staticmethod
+    def _std(sums: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-class, per-feature standard deviations (Bessel-corrected) from the sums of the features (first
+        ``width`` columns) and of their squares (the rest); a small floor keeps the square root differentiable."""
+        n = counts.unsqueeze(1).to(sums.dtype)
+        mean = sums[:, :width] / n.clamp_min(1)
+        var = (sums[:, width:] - n * mean.square()) / (n - 1).clamp_min(1)
+        return (var.clamp_min(0) + 1e-8).sqrt()

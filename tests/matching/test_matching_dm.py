@@ -191,3 +191,46 @@ def test_unbiased_estimator_bad_values():
         m.loss(real, labels, real, labels, 0, syn_groups=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="syn_groups must hold one value in"):
         m.loss(real, labels, real, labels, 0, syn_groups=torch.full((len(labels),), 3))
+
+
+def test_std_term_equals_the_per_class_formula_and_adds_to_the_means():
+    real, labels = _toy()
+    syn, _ = _toy(seed=9)
+    syn = syn * 0.5 + 0.2  # a different spread from the real images'
+    m = _matcher(dsa_strategy=None, std_weight=0.5)
+    net = m.build_embedder(5, CPU)
+    fr, fs = net.embed(m.normalize(real)), net.embed(m.normalize(syn))
+    means = sum((fr[labels == c].mean(0) - fs[labels == c].mean(0)).pow(2).sum() for c in range(3))
+    stds = sum((fr[labels == c].std(0) - fs[labels == c].std(0)).pow(2).sum() for c in range(3))
+    assert stds.item() > 1e-3
+    torch.testing.assert_close(m.loss(syn, labels, real, labels, 5), means + 0.5 * stds, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(_matcher(dsa_strategy=None).loss(syn, labels, real, labels, 5), means, rtol=1e-4, atol=0)
+    assert m.hyper_parameters()["std_weight"] == 0.5
+
+
+def test_std_term_pulls_the_spread_of_a_set_toward_the_real_one():
+    # each class's mean real image jittered by a learnable scale of fixed noise: the spread term alone (the loss with
+    # it minus the loss without) pushes a small scale up and a large one down
+    real, labels = _toy(n_per_class=8)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
+    centre = torch.stack([real[labels == c].mean(0) for c in range(3)])[labels]
+    with_term, without = _matcher(dsa_strategy=None, std_weight=1), _matcher(dsa_strategy=None)
+    for start, sign in ((0.01, -1), (3.0, 1)):
+        scale = torch.tensor(start, requires_grad=True)
+        syn = centre + scale * noise
+        (with_term.loss(syn, labels, real, labels, 3) - without.loss(syn, labels, real, labels, 3)).backward()
+        assert scale.grad.item() * sign > 1e-3
+
+
+def test_std_term_ignores_classes_with_one_synthetic_image_and_checks_its_weight():
+    real, labels = _toy()
+    one = torch.stack([real[labels == c][0] for c in range(3)])
+    plain = _matcher(dsa_strategy=None).loss(one, torch.arange(3), real, labels, 2)
+    torch.testing.assert_close(
+        _matcher(dsa_strategy=None, std_weight=1).loss(one, torch.arange(3), real, labels, 2), plain
+    )
+    for bad in (-1, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="std_weight must be a number >= 0"):
+            _matcher(std_weight=bad)
+    with pytest.raises(ValueError, match="std_weight needs the pooled estimator"):
+        _matcher(std_weight=1, estimator="unbiased")

@@ -77,6 +77,7 @@ def test_speed_settings_are_recorded():
         "channels_last": False,
         "compile": False,
         "estimator": "pooled",
+        "std_weight": 0.0,
     }
 
 
