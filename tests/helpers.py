@@ -373,6 +373,7 @@ def distributed_scenarios(data_dir, out_dir, generator_path):
     out.mkdir(parents=True, exist_ok=True)
     distil_tiny(data_dir, out / "dm_pixel.pt", "pixel", "dm")
     distil_tiny(data_dir, out / "dm_pixel_std.pt", "pixel", "dm", dm_args={"std_weight": 1.0})
+    distil_tiny(data_dir, out / "dm_pixel_mmd.pt", "pixel", "dm", dm_args={"kernel": "gaussian"})
     # kl_weight 0.01 (and 0.1, once the means and samples shared one pass of the slot network) put one activation of
     # this tiny run within rounding of a non-smooth point at its last iteration, where two summation orders of the
     # same step part by 1e-4 (1e-7 the step before): a weight away from that coincidence

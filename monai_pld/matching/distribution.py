@@ -20,6 +20,9 @@ __all__ = ["DistributionMatcher"]
 
 _REAL_DTYPES = ("float32", "bfloat16")
 ESTIMATORS = ("pooled", "unbiased")
+KERNELS = ("linear", "gaussian")
+# bandwidths of the gaussian kernel, as multiples of the median squared distance between the step's real embeddings
+_BANDWIDTHS = (0.25, 1.0, 4.0)
 
 
 # compiled embeddings by architecture and device; module level, so no template network enters a state_dict
@@ -87,6 +90,15 @@ class DistributionMatcher(Matcher):
             term). 0 (default) is the reference's loss. The mean term alone is blind to how a class's images spread
             around their mean, and it penalises the spread of a distribution's samples; the spread term gives a
             probabilistic set's variance a target, the real images' spread. Pooled estimator only.
+        kernel: ``"linear"`` (default): the loss above, which is the squared maximum mean discrepancy (MMD) of the
+            class's embeddings under the linear kernel. ``"gaussian"``: the squared MMD under a sum of Gaussian
+            kernels ``exp(-|u - v|^2 / (b * m))`` with ``b`` in (0.25, 1, 4) and ``m`` the median squared distance
+            between the step's real embeddings, ``sum_c [mean k(r, r') - 2 mean k(r, s) + mean k(s, s')]``. It compares
+            whole distributions, not only their means: the last term grows when a class's synthetic images crowd
+            together, so a set (or a distribution's samples) is rewarded for covering the real spread. Each of the
+            three terms is in ``[0, 3]``, so the loss is on another scale than the linear one (Adam, the default
+            optimiser, does not care). The whole loss needs every image's embedding, so under ``torchrun`` it is not
+            split among the ranks (each computes it). Pooled estimator, ``std_weight`` 0.
 
     Raises:
         ValueError: for inconsistent sizes or statistics, an unknown DSA family, or an embedder that cannot be built.
@@ -109,6 +121,7 @@ class DistributionMatcher(Matcher):
         compile: bool = False,
         estimator: str = "pooled",
         std_weight: float = 0.0,
+        kernel: str = "linear",
     ) -> None:
         super().__init__(in_channels, num_classes, image_size, mean, std, seed)
         if estimator not in ESTIMATORS:
@@ -119,6 +132,13 @@ class DistributionMatcher(Matcher):
         if std_weight and estimator != "pooled":
             raise ValueError("DM std_weight needs the pooled estimator; set estimator to 'pooled' or std_weight to 0")
         self.std_weight = float(std_weight)
+        if kernel not in KERNELS:
+            raise ValueError(f"DM kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        if kernel != "linear" and (estimator != "pooled" or std_weight):
+            raise ValueError(
+                f"DM kernel {kernel!r} compares whole distributions: use it with estimator 'pooled' and std_weight 0"
+            )
+        self.kernel = kernel
         self.augment = DiffSiameseAugment(dsa_strategy) if dsa_strategy else None
         self.embedder_name = embedder
         self.embedder_kwargs = dict(embedder_kwargs or {})
@@ -130,7 +150,7 @@ class DistributionMatcher(Matcher):
         net = self.build_embedder(0, torch.device("cpu"))  # a bad name or argument fails here, not at the first step
         self.batch_dependent = any(isinstance(m, _BatchNorm) for m in net.modules())
         # per-image embeddings summed per class can be shared among ranks; batch statistics cannot
-        self.class_split = None if self.batch_dependent else "samples"
+        self.class_split = None if self.batch_dependent or kernel != "linear" else "samples"
         self.embed_chunk = self._resolve_chunk(embed_chunk, net)
 
     def _resolve_chunk(self, embed_chunk: int | str, net: nn.Module) -> int:
@@ -158,6 +178,7 @@ class DistributionMatcher(Matcher):
             "compile": self.compile,
             "estimator": self.estimator,
             "std_weight": self.std_weight,
+            "kernel": self.kernel,
         }
 
     def _compiled_embed(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -270,6 +291,8 @@ class DistributionMatcher(Matcher):
                 f"syn_groups must hold one value in {{0, 1, 2}} per synthetic image ({len(syn_images)}), "
                 f"got shape {tuple(syn_groups.shape)}"
             )
+        if across_ranks and self.kernel != "linear":
+            raise ValueError(f"DM kernel {self.kernel!r} is computed whole on every rank: call it without across_ranks")
         syn_labels, real_labels = syn_labels.long(), real_labels.long()
         net = self.build_embedder(step, syn_images.device)
         dsa_seed = derive_seed(self.seed, step, _AUGMENT_STREAM)
@@ -287,6 +310,8 @@ class DistributionMatcher(Matcher):
         if self.augment is not None:
             syn = self.augment(syn, dsa_seed, groups=syn_labels)
         syn_features = self._embed(net, syn)
+        if self.kernel == "gaussian":
+            return self._gaussian_mmd(features, real_labels, syn_features, syn_labels).to(syn.dtype)
         if self.std_weight:
             syn_features = self._with_squares(syn_features)
         if not paired:
@@ -313,6 +338,35 @@ class DistributionMatcher(Matcher):
             return (loss + self.std_weight * (spread.square().sum(1) * both.to(spread.dtype)).sum()).to(syn.dtype)
         # pooled: |r - s|^2; unbiased: <r - a, r - b>, whose expectation over independent halves is |r - E s|^2
         return ((residuals[0] * residuals[-1]).sum(1) * present.to(real_mean.dtype)).sum()
+
+    def _gaussian_mmd(
+        self, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor, syn_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_c MMD^2`` of the class's real and synthetic embeddings under the multi-bandwidth Gaussian kernel,
+        over the classes present in both (the biased estimate: every pair, an image with itself included).
+        Written here because the kernel two-sample statistics of the libraries at hand (e.g. torchmetrics' KID)
+        use polynomial kernels on fixed features and give no per-class sum."""
+        with torch.no_grad():  # the bandwidth is a statistic of the real embeddings: a constant of the step
+            dist = torch.pdist(real).square()
+            scale = dist.median() if len(dist) else real.new_ones(())
+            scale = scale.clamp_min(torch.finfo(real.dtype).tiny)
+
+        def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            # squared distances without a square root, whose gradient at an image's distance to itself is undefined
+            d = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).clamp_min(0)
+            return sum(torch.exp(-d / (width * scale)) for width in _BANDWIDTHS)
+
+        present = torch.bincount(real_labels, minlength=self.num_classes) > 0
+        present &= torch.bincount(syn_labels, minlength=self.num_classes) > 0
+        # a class's mean of a kernel matrix is w_a^T K w_b with w the one-hot columns divided by the class counts
+        wr = nn.functional.one_hot(real_labels, self.num_classes).to(real.dtype)
+        ws = nn.functional.one_hot(syn_labels, self.num_classes).to(syn.dtype)
+        wr, ws = wr / wr.sum(0).clamp_min(1), ws / ws.sum(0).clamp_min(1)
+        with torch.no_grad():
+            rr = (wr * (kernel(real, real) @ wr)).sum(0)
+        rs = (wr * (kernel(real, syn) @ ws)).sum(0)
+        ss = (ws * (kernel(syn, syn) @ ws)).sum(0)
+        return ((rr - 2 * rs + ss) * present.to(ss.dtype)).sum()
 
     @staticmethod
     def _with_squares(features: torch.Tensor) -> torch.Tensor:

@@ -234,3 +234,64 @@ def test_std_term_ignores_classes_with_one_synthetic_image_and_checks_its_weight
             _matcher(std_weight=bad)
     with pytest.raises(ValueError, match="std_weight needs the pooled estimator"):
         _matcher(std_weight=1, estimator="unbiased")
+
+
+def _mmd_by_pairs(fr, lr, fs, ls, classes):
+    """The multi-bandwidth Gaussian MMD^2 summed over classes, pair by pair."""
+    real_d = [(fr[i] - fr[j]).pow(2).sum() for i in range(len(fr)) for j in range(i + 1, len(fr))]
+    m = torch.stack(real_d).median()
+
+    def k(u, v):
+        return sum(torch.exp(-(u - v).pow(2).sum() / (b * m)) for b in (0.25, 1.0, 4.0))
+
+    total = 0.0
+    for c in range(classes):
+        r, s = fr[lr == c], fs[ls == c]
+        rr = sum(k(a, b) for a in r for b in r) / len(r) ** 2
+        rs = sum(k(a, b) for a in r for b in s) / (len(r) * len(s))
+        ss = sum(k(a, b) for a in s for b in s) / len(s) ** 2
+        total = total + rr - 2 * rs + ss
+    return total
+
+
+def test_gaussian_kernel_is_the_per_class_mmd_and_zero_for_the_real_set():
+    real, labels = _toy(n_per_class=4)
+    syn, syn_labels = _toy(n_per_class=2, seed=9)
+    m = _matcher(dsa_strategy=None, kernel="gaussian")
+    net = m.build_embedder(5, CPU)
+    with torch.no_grad():
+        fr, fs = net.embed(m.normalize(real)), net.embed(m.normalize(syn))
+        expected = _mmd_by_pairs(fr, labels, fs, syn_labels, 3)
+        assert expected.item() > 1e-3
+        torch.testing.assert_close(m.loss(syn, syn_labels, real, labels, 5), expected, rtol=1e-4, atol=1e-6)
+        # the real set itself (in another order) has no discrepancy, whatever its spread
+        order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+        assert m.loss(real[order], labels[order], real, labels, 5).abs().item() < 1e-5
+    assert m.hyper_parameters()["kernel"] == "gaussian" and m.class_split is None
+    assert _matcher().class_split == "samples"
+
+
+def test_gaussian_kernel_rewards_a_set_that_spreads_like_the_real_one():
+    # the linear (mean) loss cannot tell a class's spread images from copies of their mean; the kernel loss can,
+    # and its gradient pushes a collapsed set's spread up
+    real, labels = _toy(n_per_class=8)
+    noise = real - torch.stack([real[labels == c].mean(0) for c in range(3)])[labels]
+    centre = real - noise
+    gaussian = _matcher(dsa_strategy=None, kernel="gaussian")
+    scale = torch.tensor(0.05, requires_grad=True)
+    loss = gaussian.loss(centre + scale * noise, labels, real, labels, 3)
+    loss.backward()
+    assert scale.grad.item() < 0  # more spread, less loss
+    with torch.no_grad():
+        assert gaussian.loss(real, labels, real, labels, 3).item() < loss.item()
+
+
+def test_gaussian_kernel_bad_values():
+    with pytest.raises(ValueError, match="DM kernel must be one of"):
+        _matcher(kernel="rbf")
+    for bad in ({"estimator": "unbiased"}, {"std_weight": 1}):
+        with pytest.raises(ValueError, match="compares whole distributions"):
+            _matcher(kernel="gaussian", **bad)
+    real, labels = _toy()
+    with pytest.raises(ValueError, match="without across_ranks"):
+        _matcher(kernel="gaussian").loss(real, labels, real, labels, 0, across_ranks=True)

@@ -78,6 +78,7 @@ def test_speed_settings_are_recorded():
         "compile": False,
         "estimator": "pooled",
         "std_weight": 0.0,
+        "kernel": "linear",
     }
 
 
