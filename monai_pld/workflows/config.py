@@ -12,7 +12,7 @@ from monai_pld.evaluation import PROTOCOLS
 from monai_pld.formats.distilled import read_distilled_folder
 from monai_pld.formats.experts import TRAIN_EXPERTS_COMMAND
 from monai_pld.formats.package import PackageError
-from monai_pld.matching.distribution import ESTIMATORS
+from monai_pld.matching.distribution import ESTIMATORS, KERNELS
 from monai_pld.networks.classifiers import CLASSIFIERS
 from monai_pld.utils import (
     BASELINES,
@@ -60,6 +60,7 @@ def check_distillation_config(
     latent_layer: Any = 0,
     include_mean: Any = True,
     dm_estimator: Any = "pooled",
+    dm_kernel: Any = "linear",
     optimizer: Any = "adam",
     momentum: Any = 0.5,
     generator: Any = None,
@@ -145,6 +146,13 @@ def check_distillation_config(
         raise ConfigError(f"'samples_per_slot' must be even with antithetic sampling, got {samples_per_slot}")
     if dm_estimator not in ESTIMATORS:
         raise ConfigError(f"'dm_estimator' must be one of {list(ESTIMATORS)}, got {dm_estimator!r}")
+    if dm_kernel not in KERNELS:
+        raise ConfigError(f"'dm_kernel' must be one of {list(KERNELS)}, got {dm_kernel!r}")
+    if dm_kernel != "linear" and dm_estimator != "pooled" and matcher == "dm":
+        raise ConfigError(
+            f"'dm_kernel' {dm_kernel} compares whole distributions and has no unbiased estimator: "
+            "set --dm_estimator pooled or --dm_kernel linear"
+        )
     if dm_estimator == "unbiased" and matcher == "dm" and parameterization == "slfd":
         if samples_per_slot % 2 or antithetic:
             raise ConfigError(

@@ -238,3 +238,12 @@ def test_dm_estimator_values():
     # nothing to split for deterministic rows or other matchers
     check_distillation_config(**{**GOOD, "parameterization": "latent"}, dm_estimator="unbiased")
     check_distillation_config(**{**GOOD, "matcher": "dc"}, dm_estimator="unbiased")
+
+
+def test_dm_kernel_values():
+    with pytest.raises(ConfigError, match="'dm_kernel' must be one of"):
+        check_distillation_config(**GOOD, dm_kernel="rbf")
+    with pytest.raises(ConfigError, match="'dm_kernel' gaussian .* --dm_estimator pooled"):
+        check_distillation_config(**GOOD, dm_kernel="gaussian", dm_estimator="unbiased", samples_per_slot=2)
+    check_distillation_config(**GOOD, dm_kernel="gaussian")
+    check_distillation_config(**{**GOOD, "matcher": "dc"}, dm_kernel="gaussian", dm_estimator="unbiased")

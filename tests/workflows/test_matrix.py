@@ -130,6 +130,21 @@ def test_every_matcher_with_every_parameterization(setup, matcher, parameterizat
         assert settings["syn_steps"] == 3
 
 
+def test_dm_kernel_reaches_the_matcher_and_the_records(setup):
+    tmp, common = setup
+    out = tmp / "dm_slfd_gaussian"
+    run_config(BUNDLE / "train.yaml", **common, **TINY, dm_kernel="gaussian", output_dir=str(out), run_name=out.name)
+    _, _, manifest = _outputs(out)
+    assert manifest["matcher"]["kernel"] == "gaussian" and manifest["config"]["dm_kernel"] == "gaussian"
+    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
+    run = client.search_runs(
+        [client.get_experiment_by_name("monai_pld").experiment_id],
+        filter_string=f"attributes.run_name = '{out.name}'",
+    )[0]
+    assert run.data.params["dm_kernel"] == "gaussian" and run.data.params["matcher.kernel"] == "gaussian"
+    assert np.isfinite([m.value for m in client.get_metric_history(run.info.run_id, "match_loss")]).all()
+
+
 @pytest.mark.parametrize("baseline", ["random", "full"])
 def test_real_image_baselines_give_the_same_kind_of_output(setup, baseline):
     tmp, common = setup
