@@ -61,6 +61,7 @@ def check_distillation_config(
     include_mean: Any = True,
     dm_estimator: Any = "pooled",
     dm_kernel: Any = "linear",
+    dm_std_weight: Any = 0.0,
     optimizer: Any = "adam",
     momentum: Any = 0.5,
     generator: Any = None,
@@ -152,6 +153,12 @@ def check_distillation_config(
         raise ConfigError(
             f"'dm_kernel' {dm_kernel} compares whole distributions and has no unbiased estimator: "
             "set --dm_estimator pooled or --dm_kernel linear"
+        )
+    check_number("dm_std_weight", dm_std_weight, 0.0)
+    if dm_std_weight and matcher == "dm" and (dm_kernel != "linear" or dm_estimator != "pooled"):
+        raise ConfigError(
+            "'dm_std_weight' adds a spread term to the pooled comparison of class means: set --dm_std_weight 0, or "
+            "--dm_kernel linear and --dm_estimator pooled"
         )
     if dm_estimator == "unbiased" and matcher == "dm" and parameterization == "slfd":
         if samples_per_slot % 2 or antithetic:

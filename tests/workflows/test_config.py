@@ -247,3 +247,14 @@ def test_dm_kernel_values():
         check_distillation_config(**GOOD, dm_kernel="gaussian", dm_estimator="unbiased", samples_per_slot=2)
     check_distillation_config(**GOOD, dm_kernel="gaussian")
     check_distillation_config(**{**GOOD, "matcher": "dc"}, dm_kernel="gaussian", dm_estimator="unbiased")
+
+
+def test_dm_std_weight_values():
+    for bad in (-1, float("nan"), "1", True):
+        with pytest.raises(ConfigError, match="'dm_std_weight' must be a finite number >= 0"):
+            check_distillation_config(**GOOD, dm_std_weight=bad)
+    for other in ({"dm_kernel": "gaussian"}, {"dm_estimator": "unbiased", "samples_per_slot": 2}):
+        with pytest.raises(ConfigError, match="'dm_std_weight' adds a spread term .* --dm_std_weight 0"):
+            check_distillation_config(**GOOD, dm_std_weight=1, **other)
+    check_distillation_config(**GOOD, dm_std_weight=1)
+    check_distillation_config(**{**GOOD, "matcher": "mtt"}, dm_std_weight=1, dm_kernel="gaussian")

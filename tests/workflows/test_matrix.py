@@ -143,6 +143,10 @@ def test_dm_kernel_reaches_the_matcher_and_the_records(setup):
     )[0]
     assert run.data.params["dm_kernel"] == "gaussian" and run.data.params["matcher.kernel"] == "gaussian"
     assert np.isfinite([m.value for m in client.get_metric_history(run.info.run_id, "match_loss")]).all()
+    out = tmp / "dm_slfd_std"
+    run_config(BUNDLE / "train.yaml", **common, **TINY, dm_std_weight=0.5, output_dir=str(out), run_name=out.name)
+    _, _, manifest = _outputs(out)
+    assert manifest["matcher"]["std_weight"] == 0.5 and manifest["matcher"]["kernel"] == "linear"
 
 
 @pytest.mark.parametrize("baseline", ["random", "full"])
