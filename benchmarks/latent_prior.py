@@ -15,14 +15,15 @@ five-class set of benchmarks/comparison.py with --synthetic (written to a tempor
 generators/synthetic_28px_autoencoderkl.pt unless --generator-path says otherwise).
 Tables only, from saved results: python benchmarks/latent_prior.py --report out.json [more.json]
 
-A row is ``kind[:L<layer>][:lr=<lr_codes>][:net=<lr_network>][:v=<init_log_var>][:s=<samples>][:kl=<weight>][:u]
-[:resample]``: ``kind`` is random, full, pixel, latent or slfd; ``L2`` distils into the feature map after decoder
-block 2 instead of the bottleneck; ``lr=`` overrides the per-space default learning rate; ``net=`` the learning rate
-of SLFD's network (its mean, variance and factor heads); ``v=`` SLFD's initial log-variance; ``s=`` sets SLFD's
-samples per slot (antithetic when even, unless ``u``); ``kl=`` weights the KL of each SLFD slot to its class's
-latent Gaussian (default 0); ``u`` uses DM's unbiased estimator (two independent halves of the samples, so ``s=``
-must be even); ``resample`` evaluates SLFD with fresh samples every epoch instead of its means. Every row of one
-seed starts from the same seeded real images and is distilled for ``--iterations`` steps with the bundle's defaults
+A row is ``kind[:L<layer>][:lr=<lr_codes>][:net=<lr_network>][:v=<init_log_var>][:vmax=<log_var_max>]
+[:s=<samples>][:kl=<weight>][:u][:resample]``: ``kind`` is random, full, pixel, latent or slfd; ``L2`` distils into
+the feature map after decoder block 2 instead of the bottleneck; ``lr=`` overrides the per-space default learning
+rate; ``net=`` the learning rate of SLFD's network (its mean, variance and factor heads); ``v=`` SLFD's initial
+log-variance; ``vmax=`` the upper clamp of its log-variance (default 1); ``s=`` sets SLFD's samples per slot
+(antithetic when even, unless ``u``); ``kl=`` weights the KL of each SLFD slot to its class's latent Gaussian
+(default 0); ``u`` uses DM's unbiased estimator (two independent halves of the samples, so ``s=`` must be even);
+``resample`` evaluates SLFD with fresh samples every epoch instead of its means. Every row of one seed starts from
+the same seeded real images and is distilled for ``--iterations`` steps with the bundle's defaults
 for everything not named.
 """
 
@@ -59,7 +60,7 @@ def parse_row(spec: str) -> dict:
     """``slfd:L2:lr=0.03:s=2:resample`` -> its settings."""
     kind, *options = spec.split(":")
     row = {"spec": spec, "kind": kind, "latent_layer": 0, "lr_codes": "auto", "samples": 1, "mode": "mean"}
-    row.update(unbiased=False, kl_weight=0.0, lr_network="auto", init_log_var=None)
+    row.update(unbiased=False, kl_weight=0.0, lr_network="auto", init_log_var=None, log_var_max=None)
     for option in options:
         if option.startswith("L"):
             row["latent_layer"] = int(option[1:])
@@ -67,6 +68,8 @@ def parse_row(spec: str) -> dict:
             row["lr_codes"] = float(option[3:])
         elif option.startswith("net="):
             row["lr_network"] = float(option[4:])
+        elif option.startswith("vmax="):
+            row["log_var_max"] = float(option[5:])
         elif option.startswith("v="):
             row["init_log_var"] = float(option[2:])
         elif option.startswith("s="):
@@ -95,7 +98,7 @@ def distil_row(row: dict, train, args, ipc: int, seed: int):
         latent_layer=row["latent_layer"],
         lr_codes=row["lr_codes"],
         lr_network=row["lr_network"],
-        parameterization_options={} if row["init_log_var"] is None else {"init_log_var": row["init_log_var"]},
+        parameterization_options={key: row[key] for key in ("init_log_var", "log_var_max") if row[key] is not None},
         samples_per_slot=row["samples"],
         antithetic=row["samples"] % 2 == 0 and not row["unbiased"],
         kl_weight=row["kl_weight"],
@@ -153,6 +156,7 @@ def set_name(row: dict, args, ipc: int, seed: int) -> str:
     if net is not None and net != UNSELECTED_NETWORK_RATE:  # the only rate before it was selected: no suffix
         name += f"_net{net}"
     name += f"_v{row['init_log_var']}" if row["init_log_var"] is not None else ""
+    name += f"_vmax{row['log_var_max']}" if row["log_var_max"] is not None else ""
     if args.matcher != "dm" or args.matcher_args:  # DM sets with the defaults keep the names they were saved under
         name += f"_{args.matcher}" + "".join(f"_{k}{v}" for k, v in sorted(args.matcher_args.items()))
     return name
