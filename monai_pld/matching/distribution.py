@@ -344,7 +344,7 @@ class DistributionMatcher(Matcher):
     ) -> torch.Tensor:
         """``sum_c MMD^2`` of the class's real and synthetic embeddings under the multi-bandwidth Gaussian kernel,
         over the classes present in both (the biased estimate: every pair, an image with itself included).
-        Written here because the kernel two-sample statistics of the libraries at hand (e.g. torchmetrics' KID)
+        Written here because the kernel two-sample statistics of common libraries (e.g. torchmetrics' KID)
         use polynomial kernels on fixed features and give no per-class sum."""
         with torch.no_grad():  # the bandwidth is a statistic of the real embeddings: a constant of the step
             dist = torch.pdist(real).square()
