@@ -83,6 +83,13 @@ def _outputs(out: Path):
     return images, labels, manifest
 
 
+def _mlflow_run(common, name):
+    """The MLflow client of the module's store and the run called ``name``."""
+    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
+    experiment = client.get_experiment_by_name("monai_pld").experiment_id
+    return client, client.search_runs([experiment], filter_string=f"attributes.run_name = '{name}'")[0]
+
+
 def test_experts_bundle_writes_trajectories(setup):
     tmp, _ = setup
     files = sorted((tmp / "experts").glob("expert_*.pt"))
@@ -114,11 +121,7 @@ def test_every_matcher_with_every_parameterization(setup, matcher, parameterizat
     # the matcher's own settings are recorded in the manifest and as MLflow params
     settings = manifest["matcher"]
     assert settings is not None
-    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
-    run = client.search_runs(
-        [client.get_experiment_by_name("monai_pld").experiment_id],
-        filter_string=f"attributes.run_name = '{out.name}'",
-    )[0]
+    client, run = _mlflow_run(common, out.name)
     assert run.info.status == "FINISHED" and "loss" in run.data.metrics
     # the validation curve: after iteration 2 and at the end (3)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [2, 3]
@@ -136,11 +139,7 @@ def test_dm_kernel_reaches_the_matcher_and_the_records(setup):
     run_config(BUNDLE / "train.yaml", **common, **TINY, dm_kernel="gaussian", output_dir=str(out), run_name=out.name)
     _, _, manifest = _outputs(out)
     assert manifest["matcher"]["kernel"] == "gaussian" and manifest["config"]["dm_kernel"] == "gaussian"
-    client = mlflow.MlflowClient(tracking_uri=common["tracking_uri"])
-    run = client.search_runs(
-        [client.get_experiment_by_name("monai_pld").experiment_id],
-        filter_string=f"attributes.run_name = '{out.name}'",
-    )[0]
+    client, run = _mlflow_run(common, out.name)
     assert run.data.params["dm_kernel"] == "gaussian" and run.data.params["matcher.kernel"] == "gaussian"
     assert np.isfinite([m.value for m in client.get_metric_history(run.info.run_id, "match_loss")]).all()
     out = tmp / "dm_slfd_std"
