@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -78,7 +80,8 @@ class DistilledPackage:
         path: where it was read from.
         distribution: the distilled distribution (``render(generator, mode)``), when the package has one.
         generator: the generator to render it, when the package has one (the identity for pixel sets).
-        files: where every member can be read (for a ``.zip``, the verified copies in the extraction folder).
+        files: where every member can be read (for a ``.zip``, the verified copies in the extraction folder; a
+            temporary folder is removed with this package).
         sha256: the package's checksum (:func:`package_sha256`).
     """
 
@@ -198,8 +201,9 @@ def load_distilled(
         path: the package folder or ``.zip``.
         map_location: device for the distribution and the generator.
         load_generator: also load ``generator.pt`` (needed to draw new images).
-        extract_dir: for a ``.zip``, where the verified members are written for use (default: a new temporary
-            folder); ignored for folders.
+        extract_dir: for a ``.zip``, where the verified members are written for use; ignored for folders. By
+            default a new temporary folder, removed with the returned package (when it is garbage-collected, or at
+            the latest when the interpreter exits); give a folder to keep the files.
 
     Returns:
         the :class:`DistilledPackage`.
@@ -263,9 +267,12 @@ def load_distilled(
             f"{label}/images.npz disagrees with the manifest ({'; '.join(mismatch)}); the package is mislabelled"
         )
 
-    folder = path
+    folder, temporary = path, None
     if not path.is_dir():
-        folder = Path(extract_dir) if extract_dir is not None else Path(tempfile.mkdtemp(prefix="monai_pld_package_"))
+        if extract_dir is None:
+            folder = temporary = Path(tempfile.mkdtemp(prefix="monai_pld_package_"))
+        else:
+            folder = Path(extract_dir)
         for name, data in members.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
@@ -285,6 +292,9 @@ def load_distilled(
     elif distribution is not None and (manifest.get("generator") or {}).get("class") == "PixelGenerator":
         generator = PixelGenerator(manifest["generator"]["latent_shape"])  # the identity: nothing to ship
     tensor = as_float_images(images)
-    return DistilledPackage(
+    package = DistilledPackage(
         tensor, torch.from_numpy(labels), names, manifest, path, distribution, generator, files, package_sha256(path)
     )
+    if temporary is not None:  # the extracted copies live as long as the package that lists them
+        weakref.finalize(package, shutil.rmtree, temporary, ignore_errors=True)
+    return package

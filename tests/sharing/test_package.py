@@ -2,6 +2,7 @@
 evaluation engine reading a package, MLflow records, the privacy gate, and the export bundle end to end."""
 
 import datetime
+import gc
 import json
 import pickle
 import shutil
@@ -350,6 +351,26 @@ def test_pixel_package_renders_without_shipping_a_generator(tmp_path):
     assert isinstance(loaded.generator, PixelGenerator)
     drawn, labels = loaded.image_source("resample").epoch(3)
     assert torch.allclose(drawn, loaded.images, atol=1 / 255 + 1e-6) and labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_zip_is_extracted_to_a_folder_that_goes_with_the_package(tmp_path):
+    from monai_pld.parameterizations import LatentCodes
+
+    param = LatentCodes(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 2)
+    param.hyper_parameters = {"kind": "pixel", "ipc": 1, "init": "real", "seed": 0}
+    export_distilled_set(tmp_path / "run" / "distilled", param, PixelGenerator((1, 8, 8)), ["a", "b"])
+    zipped = export_package(tmp_path / "run", tmp_path / "pkg.zip", audit=False, nifti=False)
+    loaded = load_distilled(zipped)
+    extracted = loaded.files["images.npz"].parent
+    assert extracted.is_dir() and not extracted.is_relative_to(tmp_path)  # a temporary folder of its own
+    assert (extracted / "images.npz").read_bytes() == zipfile.ZipFile(zipped).read("images.npz")
+    del loaded
+    gc.collect()
+    assert not extracted.exists()  # removed with the package: repeated reads leave nothing behind
+    kept = load_distilled(zipped, extract_dir=tmp_path / "kept")
+    del kept
+    gc.collect()
+    assert (tmp_path / "kept" / "images.npz").is_file()  # a folder the caller names is the caller's
 
 
 @pytest.mark.slow
