@@ -179,6 +179,15 @@ def _read_npz(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], lis
             raise ValueError(
                 f"{path}: {split}_images must be grey (N, H, W) or colour (N, H, W, 3), got {images.shape}"
             )
+        if images.dtype.kind == "f" and len(images):
+            finite = np.isfinite(images).reshape(len(images), -1).all(1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise ValueError(
+                    f"{path}: {len(bad)} of {len(images)} {split}_images hold NaN or infinite values (the first at "
+                    f"index {bad[0]}); replace them in the file (e.g. numpy.nan_to_num(images, nan=background)) or "
+                    "remove those images and their labels"
+                )
         parts[split] = (images if rgb else images[..., None], labels.astype(np.int64))
     return parts, names
 

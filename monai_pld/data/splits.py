@@ -91,7 +91,12 @@ def assign_splits(source: Source, opts: dict[str, Any], path: Path) -> np.ndarra
 
 
 def check_classes(train_labels: np.ndarray, names: list[str], where: str) -> None:
-    """Raise ``ValueError`` naming every class without training images."""
+    """Raise ``ValueError`` naming every class without training images, or when there are fewer than two."""
+    if len(names) < 2:
+        raise ValueError(
+            f"{where}: the labels name {len(names)} class(es) ({names}); distillation makes a set for training a "
+            "classifier, which needs at least two classes: check the label column or folder layout"
+        )
     counts = np.bincount(train_labels, minlength=len(names))
     empty = [f"{c} ({names[c]})" for c in np.flatnonzero(counts == 0)]
     if empty:

@@ -106,6 +106,15 @@ def test_npz_bad_inputs(tmp_path):
         load_dataset("custom", "train", tmp_path / "range.npz", data_options={"channels": 2})
     with pytest.raises(ConfigError, match="unknown key"):
         load_dataset("custom", "train", tmp_path / "range.npz", data_options={"chanels": 1})
+    images = np.random.default_rng(0).random((6, 4, 4)).astype(np.float32)
+    images[3, 1, 2] = np.nan  # min-max scaling would turn the whole image black
+    images[5, 0, 0] = np.inf
+    np.savez(tmp_path / "nan.npz", train_images=images, train_labels=np.arange(6) % 2)
+    with pytest.raises(ValueError, match=r"2 of 6 train_images hold NaN or infinite values \(the first at index 3\)"):
+        load_dataset("custom", "train", tmp_path / "nan.npz", image_size=4)
+    np.savez(tmp_path / "one.npz", train_images=np.zeros((4, 4, 4), np.uint8), train_labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="1 class.*needs at least two classes"):
+        load_dataset("custom", "train", tmp_path / "one.npz", image_size=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +292,23 @@ def test_unreadable_image_stops_the_run_and_leaves_no_cache(tmp_path):
         load_dataset("custom", "train", root, image_size=8, data_options=opts)
 
 
+def test_an_image_file_with_nan_is_named_not_blackened(tmp_path):
+    scans = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    scans[2, :2] = np.nan  # e.g. outside a brain mask
+    entries = []
+    for i, scan in enumerate(scans):
+        nib.save(nib.Nifti1Image(scan, np.eye(4)), tmp_path / f"s{i}.nii.gz")
+        entries.append({"image": f"s{i}.nii.gz", "label": i % 2})
+    (tmp_path / "list.json").write_text(json.dumps({"labels": {"0": "a", "1": "b"}, "training": entries}))
+    opts = _opts(tmp_path, val_fraction=0, test_fraction=0)
+    with pytest.raises(ValueError, match=r"1 image\(s\) cannot be read: .*s2\.nii\.gz .*16 NaN or infinite"):
+        load_dataset("custom", "train", tmp_path / "list.json", image_size=8, data_options=opts)
+    data = load_dataset(
+        "custom", "train", tmp_path / "list.json", image_size=8, data_options={**opts, "skip_unreadable": True}
+    )
+    assert len(data) == 3 and data.source_info["skipped"] == [str(tmp_path / "s2.nii.gz")]
+
+
 def test_a_failed_cache_write_leaves_no_file(tmp_path):
     from monai_pld.data.cache import load_or_build
 
@@ -324,10 +350,11 @@ def test_datalist_errors_name_the_entry(tmp_path):
         load({"validation": good})
     outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
     _png(outside, _grey(0))
-    escape = {"training": good + [{"image": f"../{outside.name}", "label": "benign"}]}
+    other = {"image": "img/malignant/000.png", "label": "malignant"}
+    escape = {"training": good + [{"image": f"../{outside.name}", "label": "benign"}, other]}
     with pytest.raises(ValueError, match=r"training\[2\]: .*outside.png lies outside .*allow_outside_root: true"):
         load(escape)
-    assert len(load(escape, allow_outside_root=True, val_fraction=0, test_fraction=0)) == 3
+    assert len(load(escape, allow_outside_root=True, val_fraction=0, test_fraction=0)) == 4
     outside.unlink()
 
 
