@@ -55,10 +55,11 @@ class Preprocess:
         notes: list[str] = []
         if image.ndim != 3:
             raise ValueError(f"expected a channel-first 2D image (C, H, W), got shape {image.shape}")
-        if image.dtype.kind == "f" and not np.isfinite(image).all():
+        finite = np.isfinite(image) if image.dtype.kind == "f" else None
+        if finite is not None and not finite.all():
             # a min-max scale of an image with a NaN is NaN everywhere, which the cast to uint8 turns into a black
             # image without a word: refuse it instead
-            bad = int(image.size - np.isfinite(image).sum())
+            bad = int(image.size - finite.sum())
             raise ValueError(
                 f"the image holds {bad} NaN or infinite value(s) of {image.size}; replace them before distilling "
                 "(e.g. numpy.nan_to_num(image, nan=background)), or leave the image out"
