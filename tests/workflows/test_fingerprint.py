@@ -54,7 +54,7 @@ def _digest(named_tensors):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def data_and_generator(tmp_path_factory):
     """The synthetic training split and a randomly initialised autoencoder saved with a fixed seed."""
     folder = tmp_path_factory.mktemp("fingerprint")
     write_medmnist_npz(folder / "pathmnist.npz")
@@ -74,8 +74,8 @@ def one_thread():
 
 
 @pytest.mark.parametrize("kind, matcher", list(EXPECTED))
-def test_the_distilled_set_is_unchanged(tiny_run, one_thread, kind, matcher):
-    data, generator_path = tiny_run
+def test_the_distilled_set_is_unchanged(data_and_generator, one_thread, kind, matcher):
+    data, generator_path = data_and_generator
     trainer = build_trainer(
         data,
         kind,
