@@ -138,7 +138,7 @@ def resolved_network_lr(row: dict, args, ipc: int) -> float | None:
         return None
     if row["lr_network"] != "auto":
         return float(row["lr_network"])
-    return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc)[1]
+    return default_learning_rates(row["kind"], args.matcher, row["latent_layer"], ipc, args.iterations)[1]
 
 
 def set_name(row: dict, args, ipc: int, seed: int) -> str:

@@ -30,6 +30,11 @@ or, in files written before rows recorded it, with ``monai_pld.defaults.UNSELECT
 ``auto`` had then), per space and matcher, among the rates measured on every dataset of the group. Only rows that
 vary nothing but the learning rate take part in either choice (a row with ``s=``, ``kl=``, ``v=``... is an
 ablation, not a point of the grid).
+
+Results of different budgets (DM iterations, real images per class) are never compared with each other: each
+budget is a selection of its own, and every chosen entry names its ``iterations`` and ``batch_real``.
+``lr_network: auto`` takes the network rate of the largest selected budget not above a run's iterations
+(``monai_pld.defaults.NETWORK_RATES_BY_ITERATIONS``).
 """
 
 from __future__ import annotations
@@ -69,26 +74,16 @@ def choose(by_lr: dict[float, list[float]], datasets: int | None = None, key: st
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="latent_prior.py .json files of validation-split runs")
-    parser.add_argument("--out", default="docs/tuning/learning_rates.json")
-    args = parser.parse_args()
+def select(files: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
+    """The chosen learning rates of the results of one budget (``(path, results)`` pairs), and the sources."""
     # validation accuracies of every (row, ipc), per (dataset, matcher): files of one dataset (e.g. one per seed)
     # are pooled, each row's mean taken over all their classifiers
     pooled: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     recorded_lr: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
     recorded_net: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
     sources = []
-    budgets: dict[tuple, list[str]] = {}
-    for path in args.results:
-        data = json.loads(Path(path).read_text())
+    for path, data in files:
         run = data["args"]
-        if run["split"] != "val":
-            raise SystemExit(f"{path} was tested on the {run['split']!r} split: choose defaults on 'val' only")
-        budgets.setdefault((run["iterations"], run.get("batch_real")), []).append(str(path))
-        if len(budgets) > 1:
-            raise SystemExit(f"results of different budgets (iterations, real batch) cannot be compared: {budgets}")
         # a dataset is its name and its file or folder name: the same file read from another place is the same data
         key = (f"{run['dataset']} {Path(str(run['data_dir'])).name}", run["matcher"])
         accuracy = {}
@@ -165,11 +160,35 @@ def main() -> None:
         for key, by_lr in sorted(one.items())
         for kind, space, matcher in [key]
     ]
+    return chosen, sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="latent_prior.py .json files of validation-split runs")
+    parser.add_argument("--out", default="docs/tuning/learning_rates.json")
+    args = parser.parse_args()
+    budgets: dict[tuple[int, int | None], list[tuple[str, dict]]] = defaultdict(list)
+    for path in args.results:
+        data = json.loads(Path(path).read_text())
+        run = data["args"]
+        if run["split"] != "val":
+            raise SystemExit(f"{path} was tested on the {run['split']!r} split: choose defaults on 'val' only")
+        budgets[(int(run["iterations"]), run.get("batch_real"))].append((str(path), data))
+    chosen, sources = [], []
+    for (iterations, batch_real), files in sorted(budgets.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        budget = {"iterations": iterations, "batch_real": batch_real}
+        chosen_here, sources_here = select(files)
+        chosen += [entry | budget for entry in chosen_here]
+        sources += [source | budget for source in sources_here]
     for entry in chosen:
         at = f"ipc 1 {entry['parameterization']} " if entry.get("ipc") == 1 else ""
         rate = "lr_network" if "lr_network" in entry else "lr_codes"
         at += "slfd network " if rate == "lr_network" else ""
-        print(f"{at}{entry['space']} {entry['matcher']}: {rate} {entry[rate]}  (grid: {entry['grid']})")
+        print(
+            f"{entry['iterations']} iterations, {at}{entry['space']} {entry['matcher']}: {rate} {entry[rate]}"
+            f"  (grid: {entry['grid']})"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -10,6 +10,11 @@ One image per class is its own regime: with a single slot per class, SLFD's best
 smaller than at ten (0.01 against 0.03) on both validation splits, while the deterministic codes disagreed between
 them and keep the many-image value. ``IPC1_LEARNING_RATES`` holds the values chosen at IPC 1; there SLFD's network
 keeps ``UNSELECTED_NETWORK_RATE``, the rate that selection ran with.
+
+SLFD's network rate also depends on the length of the run: the more steps, the further a given rate carries the
+slots' means and spread from their start. Its selection therefore ran per distillation budget (DM iterations), and
+``lr_network: auto`` takes the rate selected at the largest budget not above the run's ``iterations`` (the smallest
+budget's for shorter runs); see ``NETWORK_RATES_BY_ITERATIONS``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ __all__ = [
     "DEFAULT_LEARNING_RATES",
     "IPC1_LEARNING_RATES",
     "UNSELECTED_NETWORK_RATE",
+    "SELECTION_ITERATIONS",
+    "NETWORK_RATES_BY_ITERATIONS",
+    "network_rate",
     "latent_space",
     "default_learning_rates",
 ]
@@ -32,13 +40,19 @@ _CODES_BY_SPACE: dict[str, float] = {"pixel": 0.01, "latent": 0.1, "feature": 0.
 # SLFD's network rate wherever no selection chose one: DC, MTT, the bottleneck and IPC 1, whose tables and
 # selections ran with it (RetinaMNIST's DC validation split showed no winner between it and 0.01).
 UNSELECTED_NETWORK_RATE = 0.001
-# (space, matcher) -> lr_network where it was selected: at 0.001 the network barely moves in a run of a few hundred
-# DM steps, so the slots' means and spread stay near their start; 0.01 was better on both validation splits and 0.03
-# let the variance run away to its clamp.
-_NETWORK_SELECTED: dict[tuple[str, str], float] = {("feature", "dm"): 0.01}
-# (space, matcher) -> (lr_codes, lr_network)
+# The distillation budget (DM iterations) at which every table here was selected, unless it says otherwise.
+SELECTION_ITERATIONS = 200
+# (space, matcher) -> {iterations: lr_network} where SLFD's network rate was selected, one selection per budget. At
+# 200 iterations 0.001 barely moves the network, so the slots' means and spread stay near their start, while 0.01 was
+# better on both validation splits (0.03 let the variance run away to its clamp). At 600 iterations 0.01 has moved the
+# means three times as far, and 0.001 was ahead on the validation splits.
+NETWORK_RATES_BY_ITERATIONS: dict[tuple[str, str], dict[int, float]] = {("feature", "dm"): {200: 0.01, 600: 0.001}}
+# (space, matcher) -> (lr_codes, lr_network) at SELECTION_ITERATIONS
 DEFAULT_LEARNING_RATES: dict[tuple[str, str], tuple[float, float]] = {
-    (space, matcher): (codes, _NETWORK_SELECTED.get((space, matcher), UNSELECTED_NETWORK_RATE))
+    (space, matcher): (
+        codes,
+        NETWORK_RATES_BY_ITERATIONS.get((space, matcher), {}).get(SELECTION_ITERATIONS, UNSELECTED_NETWORK_RATE),
+    )
     for space, codes in _CODES_BY_SPACE.items()
     for matcher in ("dm", "dc", "mtt")
 }
@@ -59,14 +73,28 @@ def latent_space(parameterization: str, latent_layer: int = 0) -> str:
     return "feature" if latent_layer else "latent"
 
 
+def network_rate(space: str, matcher: str, iterations: int | None = None) -> float:
+    """SLFD's network rate selected for ``space`` and ``matcher`` at the largest budget not above ``iterations``
+    (the smallest selected budget for shorter runs; ``None``: ``SELECTION_ITERATIONS``), or
+    ``UNSELECTED_NETWORK_RATE`` where no selection ran."""
+    by_budget = NETWORK_RATES_BY_ITERATIONS.get((space, matcher))
+    if not by_budget:
+        return UNSELECTED_NETWORK_RATE
+    iterations = SELECTION_ITERATIONS if iterations is None else int(iterations)
+    budgets = sorted(by_budget)
+    return by_budget[max((b for b in budgets if b <= iterations), default=budgets[0])]
+
+
 def default_learning_rates(
-    parameterization: str, matcher: str, latent_layer: int = 0, ipc: int | None = None
+    parameterization: str, matcher: str, latent_layer: int = 0, ipc: int | None = None, iterations: int | None = None
 ) -> tuple[float, float]:
     """``(lr_codes, lr_network)`` that ``lr_codes: auto`` / ``lr_network: auto`` resolve to; ``ipc`` 1 takes the
     IPC 1 selection where there is one, and the network rate it was selected with (``None``: the many-image
-    table)."""
+    table); ``iterations`` picks the network rate of the run's budget (:func:`network_rate`; ``None``:
+    ``SELECTION_ITERATIONS``)."""
     space = latent_space(parameterization, latent_layer)
-    lr_codes, lr_network = DEFAULT_LEARNING_RATES[(space, matcher)]
+    lr_codes = DEFAULT_LEARNING_RATES[(space, matcher)][0]
+    lr_network = network_rate(space, matcher, iterations)
     if ipc == 1:
         lr_codes = IPC1_LEARNING_RATES.get((parameterization, space, matcher), lr_codes)
         lr_network = UNSELECTED_NETWORK_RATE  # the rate the IPC 1 selection ran with

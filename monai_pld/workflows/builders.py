@@ -305,7 +305,7 @@ def build_trainer(
     dev = resolve_device(device)
     configure_cpu_allocator(cpu_allocator)
     auto_codes, auto_network = (
-        default_learning_rates(parameterization, matcher, latent_layer, ipc)
+        default_learning_rates(parameterization, matcher, latent_layer, ipc, iterations)
         if (parameterization in PARAMETERIZATIONS)
         else (0.0, 0.0)
     )

@@ -133,7 +133,9 @@ def check_distillation_config(
         raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
     check_number("momentum", momentum, 0.0)
     if parameterization in PARAMETERIZATIONS:
-        auto_codes, auto_network = default_learning_rates(parameterization, matcher, int(latent_layer), int(ipc))
+        auto_codes, auto_network = default_learning_rates(
+            parameterization, matcher, int(latent_layer), int(ipc), int(iterations)
+        )
     else:
         auto_codes, auto_network = 1.0, 1.0  # nothing is optimised
     lr_codes = auto_codes if lr_codes == "auto" else lr_codes

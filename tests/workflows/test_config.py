@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,8 +9,11 @@ from helpers import REPO
 from monai_pld.defaults import (
     DEFAULT_LEARNING_RATES,
     IPC1_LEARNING_RATES,
+    NETWORK_RATES_BY_ITERATIONS,
+    SELECTION_ITERATIONS,
     UNSELECTED_NETWORK_RATE,
     default_learning_rates,
+    network_rate,
 )
 from monai_pld.utils import (
     ConfigError,
@@ -48,7 +53,8 @@ def test_auto_learning_rates_are_those_of_the_space(kind, layer, matcher):
 
 def test_default_learning_rates_are_the_committed_selection():
     """The tables in monai_pld/defaults.py are the output of benchmarks/select_learning_rates.py, committed as data:
-    the many-image table, and at IPC 1 the value of every parameterisation the selection covered."""
+    the many-image table, at IPC 1 the value of every parameterisation the selection covered, and SLFD's network
+    rate per budget."""
     chosen = json.loads((REPO / "docs" / "tuning" / "learning_rates.json").read_text())
     at_one = [e for e in chosen["chosen"] if e.get("ipc") == 1]
     assert at_one and len(at_one) < len(chosen["chosen"])
@@ -57,18 +63,82 @@ def test_default_learning_rates_are_the_committed_selection():
             layer = 2 if entry["space"] == "feature" else 0
             lr = default_learning_rates(entry["parameterization"], entry["matcher"], layer, ipc=1)[0]
             assert lr == entry["lr_codes"], entry
-        elif "lr_network" in entry:  # SLFD's network, selected on its own grid
-            assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][1] == entry["lr_network"], entry
-        else:
+        elif "lr_network" in entry:  # SLFD's network, selected on its own grid at each budget
+            assert network_rate(entry["space"], entry["matcher"], entry["iterations"]) == entry["lr_network"], entry
+        else:  # the codes' rates do not depend on the budget: a selection at any budget must agree with the table
             assert DEFAULT_LEARNING_RATES[(entry["space"], entry["matcher"])][0] == entry["lr_codes"], entry
     # every IPC 1 exception in the table comes from the selection (DC and MTT take DM's values)
     for (kind, space, _), lr in IPC1_LEARNING_RATES.items():
         assert any(e["parameterization"] == kind and e["space"] == space and e["lr_codes"] == lr for e in at_one)
-    # every network rate other than the unselected one comes from a selection of its own (space and matcher)
-    network = {(e["space"], e["matcher"]): e["lr_network"] for e in chosen["chosen"] if "lr_network" in e}
+    # every network rate other than the unselected one comes from a selection of its own (space, matcher, budget)
+    network = {
+        (e["space"], e["matcher"], e["iterations"]): e["lr_network"] for e in chosen["chosen"] if "lr_network" in e
+    }
     assert network
+    assert {
+        (space, matcher, it) for (space, matcher), rates in NETWORK_RATES_BY_ITERATIONS.items() for it in rates
+    } == (set(network))
     for key, (_, lr_network) in DEFAULT_LEARNING_RATES.items():
-        assert lr_network == network.get(key, UNSELECTED_NETWORK_RATE), key
+        assert lr_network == network.get((*key, SELECTION_ITERATIONS), UNSELECTED_NETWORK_RATE), key
+
+
+def test_network_rate_follows_the_budget():
+    """lr_network auto takes the selection of the largest budget not above the run's iterations (the smallest
+    budget's below them all); spaces and matchers without a selection keep the unselected rate at every length."""
+    (space, matcher), by_budget = next(iter(NETWORK_RATES_BY_ITERATIONS.items()))
+    budgets = sorted(by_budget)
+    assert network_rate(space, matcher, 1) == by_budget[budgets[0]]
+    assert network_rate(space, matcher) == by_budget[SELECTION_ITERATIONS]
+    for low, high in zip(budgets, budgets[1:] + [10 * budgets[-1]], strict=True):
+        assert network_rate(space, matcher, low) == by_budget[low]
+        assert network_rate(space, matcher, high - 1) == by_budget[low]
+    assert network_rate(space, matcher, 10 * budgets[-1]) == by_budget[budgets[-1]]
+    for iterations in (1, *budgets, 10_000):
+        assert network_rate("latent", "mtt", iterations) == UNSELECTED_NETWORK_RATE
+    # the bundles' config check resolves auto with the run's iterations; an explicit rate is kept
+    for iterations in budgets:
+        out = check_distillation_config(
+            **{**GOOD, "iterations": iterations}, latent_layer=2, lr_codes="auto", lr_network="auto"
+        )
+        assert out["lr_network"] == by_budget[iterations]
+        assert out["lr_codes"] == DEFAULT_LEARNING_RATES[(space, matcher)][0]
+    given = check_distillation_config(**{**GOOD, "iterations": budgets[-1]}, latent_layer=2, lr_network=0.05)
+    assert given["lr_network"] == 0.05
+
+
+def _validation_results(path, iterations, accuracies, split="val"):
+    """A latent_prior.py results file of SLFD network-rate rows: {row: [accuracy of each classifier]}."""
+    rows = [
+        {"row": row, "ipc": 10, "results": [{"backbone": "convnet", "accuracy": a} for a in accs]}
+        for row, accs in accuracies.items()
+    ]
+    args = {"split": split, "iterations": iterations, "batch_real": 64, "dataset": "custom", "matcher": "dm"}
+    path.write_text(json.dumps({"args": {**args, "data_dir": str(path.with_suffix(".npz"))}, "rows": rows}))
+    return str(path)
+
+
+def test_learning_rates_are_selected_per_budget(tmp_path):
+    """select_learning_rates.py compares results of one budget only: two budgets with opposite winners give one
+    network rate each, named by the budget; a test-split file is refused."""
+    script = [sys.executable, str(REPO / "benchmarks" / "select_learning_rates.py")]
+    files = [
+        _validation_results(
+            tmp_path / "a200.json", 200, {"slfd:L2:net=0.001": [0.40, 0.42], "slfd:L2:net=0.01": [0.5]}
+        ),
+        _validation_results(tmp_path / "b200.json", 200, {"slfd:L2:net=0.001": [0.70], "slfd:L2:net=0.01": [0.72]}),
+        _validation_results(tmp_path / "a600.json", 600, {"slfd:L2:net=0.001": [0.55], "slfd:L2:net=0.01": [0.45]}),
+    ]
+    out = tmp_path / "chosen.json"
+    subprocess.run([*script, *files, "--out", str(out)], check=True, capture_output=True, text=True)
+    chosen = json.loads(out.read_text())["chosen"]
+    network = {(e["iterations"], e["space"], e["matcher"]): e["lr_network"] for e in chosen if "lr_network" in e}
+    assert network == {(200, "feature", "dm"): 0.01, (600, "feature", "dm"): 0.001}
+    assert all(e["batch_real"] == 64 for e in chosen)
+    grid = next(e["grid"] for e in chosen if e["iterations"] == 200)
+    assert grid["0.01"]["datasets"] == 2  # the two datasets of the budget, and not the other budget's file
+    test_split = _validation_results(tmp_path / "t.json", 600, {"slfd:L2": [0.5]}, split="test")
+    refused = subprocess.run([*script, test_split, "--out", str(out)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "choose defaults on 'val' only" in refused.stderr
 
 
 @pytest.mark.parametrize("kind,layer", [("slfd", 2), ("latent", 2), ("pixel", 0), ("slfd", 0)])
