@@ -289,10 +289,10 @@ def build_trainer(
     ``parameterization_options`` are further :func:`build_parameterization` keywords (e.g. SLFD's ``diagonal``).
     ``cpu_allocator`` is :func:`~monai_pld.utils.configure_cpu_allocator`'s mode, applied to the whole process.
 
-    ``lr_codes``/``lr_network`` ``"auto"`` take the per-space defaults of :mod:`monai_pld.defaults`; ``pretrain``
-    holds :func:`~monai_pld.engines.generator.pretrain_generator` arguments used when the generator is pretrained
-    (or compared with an existing checkpoint). The trainer keeps ``generator``, ``parameterization``, ``matcher``
-    and ``optimizer`` as attributes.
+    ``lr_codes``/``lr_network`` ``"auto"`` take the per-space defaults of :mod:`monai_pld.defaults` (SLFD's network
+    rate also by ``iterations``); ``pretrain`` holds :func:`~monai_pld.engines.generator.pretrain_generator`
+    arguments used when the generator is pretrained (or compared with an existing checkpoint). The trainer keeps
+    ``generator``, ``parameterization``, ``matcher`` and ``optimizer`` as attributes.
 
     Example::
 

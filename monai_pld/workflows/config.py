@@ -70,8 +70,9 @@ def check_distillation_config(
     """Check every distillation config value before any work starts.
 
     ``lr_codes``/``lr_network`` may be ``auto``: the per-space defaults of :mod:`monai_pld.defaults` for this
-    parameterisation, matcher and ``latent_layer``. ``generator`` holds the pretraining settings
-    (``steps``, ``batch_size``, ``lr``, ``kl_weight``, ``augment``, ``policy``...).
+    parameterisation, matcher and ``latent_layer`` (and ``ipc`` 1; SLFD's network rate also by ``iterations``).
+    ``generator`` holds the pretraining settings (``steps``, ``batch_size``, ``lr``, ``kl_weight``, ``augment``,
+    ``policy``...).
 
     Returns:
         the normalised values (booleans parsed, device resolved to a string, learning rates resolved) and
