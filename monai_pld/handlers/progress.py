@@ -43,10 +43,22 @@ class ProgressLogger:
         self._start_time = time.perf_counter()
         self._start_iteration = engine.state.iteration
         total = self._total(engine)
+        rates = self._learning_rates(engine)
         if self._start_iteration:
-            self.logger.info(f"{self.prefix}: resuming at {self._start_iteration}/{total}")
+            self.logger.info(f"{self.prefix}: resuming at {self._start_iteration}/{total}{rates}")
         else:
-            self.logger.info(f"{self.prefix}: starting, {total} iterations")
+            self.logger.info(f"{self.prefix}: starting, {total} iterations{rates}")
+
+    @staticmethod
+    def _learning_rates(engine: Engine) -> str:
+        """``; Adam learning rates: codes 0.03, network 0.001`` for an engine with an ``optimizer`` whose groups
+        are named (the distillation trainer's), so that what ``auto`` resolved to is on screen; else ``""``."""
+        optimizer = getattr(engine, "optimizer", None)
+        groups = [g for g in getattr(optimizer, "param_groups", []) if "name" in g]
+        if not groups:
+            return ""
+        rates = ", ".join(f"{g['name']} {g['lr']:g}" for g in groups)
+        return f"; {type(optimizer).__name__} learning rates: {rates}"
 
     def iteration_completed(self, engine: Engine) -> None:
         it, total = engine.state.iteration, self._total(engine)

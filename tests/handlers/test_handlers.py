@@ -37,6 +37,31 @@ def test_progress_logger_lines(caplog):
     assert [s.split()[1] for s in steps] == ["2/5", "4/5", "5/5"]  # every interval and the last iteration
     assert "loss 1.5" in steps[0] and "ETA" in steps[0]
     assert engine.state.seconds_per_iteration >= 0
+    assert "distillation: starting, 5 iterations" in lines  # an engine without an optimiser: no learning rates
+
+
+def test_progress_logger_names_the_learning_rates_a_run_uses(caplog):
+    """The starting line says what each parameter group learns at, so a user sees what ``auto`` resolved to."""
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageSet(images, torch.arange(3).repeat_interleave(2), ["a", "b", "c"], "tiny")
+    trainer = build_trainer(
+        data,
+        "pixel",
+        ipc=1,
+        iterations=1,
+        generator=PixelGenerator((3, 8, 8)),
+        batch_real_per_class=2,
+        matcher_args={"embedder_kwargs": {"width": 8}},
+        lr_codes=0.02,
+        optimizer="sgd",
+        handlers=[ProgressLogger(name="progress_lr_test", prefix="distillation")],
+        device="cpu",
+    )
+    with caplog.at_level(logging.INFO, logger="progress_lr_test"):
+        trainer.run()
+    assert "distillation: starting, 1 iterations; SGD learning rates: codes 0.02" in [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 def test_latest_checkpoint_prefers_highest_iteration_then_final(tmp_path):
