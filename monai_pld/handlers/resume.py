@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from ignite.engine import Events
 from monai.handlers import CheckpointLoader
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ class ResumeFromCheckpoint:
 
     A thin layer over MONAI's ``CheckpointLoader`` that finds the file and checks it first, so a corrupted or
     truncated checkpoint gives a message naming the file and the fix instead of a pickle traceback.
+
+    An optimiser's state comes back from the checkpoint (Adam's moments, the step count), but its learning rates
+    stay those of the resuming run: ``load_state_dict`` would otherwise bring back the checkpoint's rates, so a run
+    resumed with a smaller ``lr_codes``/``lr_network`` (the remedy for a diverging one), or with ``auto`` rates that
+    changed with ``iterations``, would silently keep the old ones. A change is logged as a warning.
 
     Args:
         checkpoint_dir: the run's ``checkpoints`` folder.
@@ -93,4 +99,25 @@ class ResumeFromCheckpoint:
             )
         self.loaded_path = path
         self.logger.info(f"resuming from {path}")
+        configured = {
+            key: [group["lr"] for group in obj.param_groups]
+            for key, obj in self.load_dict.items()
+            if isinstance(obj, torch.optim.Optimizer)
+        }
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        engine.add_event_handler(Events.STARTED, self._keep_learning_rates, configured)  # after the loader's
+
+    def _keep_learning_rates(self, engine: Engine, configured: dict[str, list[float]]) -> None:
+        for key, rates in configured.items():
+            groups = self.load_dict[key].param_groups
+            changes = [
+                f"{group.get('name', i)} {group['lr']:g} -> {lr:g}"
+                for i, (group, lr) in enumerate(zip(groups, rates, strict=True))
+                if group["lr"] != lr
+            ]
+            for group, lr in zip(groups, rates, strict=True):
+                group["lr"] = lr
+            if changes:
+                self.logger.warning(
+                    f"resuming with this run's learning rates, not the checkpoint's: {', '.join(changes)}"
+                )

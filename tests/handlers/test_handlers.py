@@ -97,6 +97,36 @@ def test_resume_restores_state(tmp_path):
     assert torch.equal(target.weight, source.weight)
 
 
+def test_resume_keeps_the_learning_rates_of_the_resuming_run(tmp_path, caplog):
+    """The optimiser's state comes from the checkpoint, its learning rates from the run that resumes (a smaller
+    rate after a divergence, or an ``auto`` rate that follows ``iterations``), with a warning naming the change."""
+    model = torch.nn.Linear(2, 2)
+    saved = torch.optim.Adam(
+        [
+            {"params": [model.weight], "lr": 0.1, "name": "codes"},
+            {"params": [model.bias], "lr": 0.01, "name": "network"},
+        ]
+    )
+    model(torch.ones(1, 2)).sum().backward()
+    saved.step()
+    torch.save({"model": model.state_dict(), "optimizer": saved.state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
+    target = torch.nn.Linear(2, 2)
+    resumed = torch.optim.Adam(
+        [
+            {"params": [target.weight], "lr": 0.1, "name": "codes"},
+            {"params": [target.bias], "lr": 0.001, "name": "network"},
+        ]
+    )
+    engine = Engine(lambda e, b: None)
+    ResumeFromCheckpoint(tmp_path, {"model": target, "optimizer": resumed}).attach(engine)
+    with caplog.at_level(logging.INFO, logger="monai_pld"):
+        engine.run([0], max_epochs=1)
+    assert [g["lr"] for g in resumed.param_groups] == [0.1, 0.001]
+    moments = resumed.state_dict()["state"]
+    assert torch.equal(moments[0]["exp_avg"], saved.state_dict()["state"][0]["exp_avg"])  # the state is restored
+    assert "not the checkpoint's: network 0.01 -> 0.001" in caplog.text and "codes" not in caplog.text
+
+
 def test_resume_disabled_or_empty_does_nothing(tmp_path, caplog):
     target = torch.nn.Linear(2, 2)
     before = target.weight.clone()
