@@ -40,23 +40,29 @@ def test_progress_logger_lines(caplog):
     assert "distillation: starting, 5 iterations" in lines  # an engine without an optimiser: no learning rates
 
 
-def test_progress_logger_names_the_learning_rates_a_run_uses(caplog):
-    """The starting line says what each parameter group learns at, so a user sees what ``auto`` resolved to."""
-    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = ImageSet(images, torch.arange(3).repeat_interleave(2), ["a", "b", "c"], "tiny")
-    trainer = build_trainer(
+def _tiny_pixel_trainer(per_class, **options):
+    """A pixel DM trainer of one image per class on three classes of ``per_class`` random 8 x 8 images (CPU);
+    ``options`` are further :func:`build_trainer` keywords (``iterations``, ``handlers``...)."""
+    images = torch.randint(
+        0, 256, (3 * per_class, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    data = ImageSet(images, torch.arange(3).repeat_interleave(per_class), ["a", "b", "c"], "tiny")
+    return build_trainer(
         data,
         "pixel",
         ipc=1,
-        iterations=1,
         generator=PixelGenerator((3, 8, 8)),
         batch_real_per_class=2,
         matcher_args={"embedder_kwargs": {"width": 8}},
-        lr_codes=0.02,
-        optimizer="sgd",
-        handlers=[ProgressLogger(name="progress_lr_test", prefix="distillation")],
         device="cpu",
+        **options,
     )
+
+
+def test_progress_logger_names_the_learning_rates_a_run_uses(caplog):
+    """The starting line says what each parameter group learns at, so a user sees what ``auto`` resolved to."""
+    progress = ProgressLogger(name="progress_lr_test", prefix="distillation")
+    trainer = _tiny_pixel_trainer(2, iterations=1, handlers=[progress], lr_codes=0.02, optimizer="sgd")
     with caplog.at_level(logging.INFO, logger="progress_lr_test"):
         trainer.run()
     assert "distillation: starting, 1 iterations; SGD learning rates: codes 0.02" in [
@@ -154,21 +160,9 @@ def test_image_grid_rows_are_classes(tmp_path):
 def test_image_handlers_take_the_parts_of_the_trainer_they_are_attached_to(tmp_path):
     """The bundles configure the grid and export handlers before build_trainer makes the parameterisation, so the
     handlers read it (and the generator, and the exporter the matcher) from the trainer when attached."""
-    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = ImageSet(images, torch.arange(3).repeat_interleave(4), ["a", "b", "c"], "tiny")
     grid = SyntheticImageGrid(tmp_path / "grids", interval=2)
-    export = DistilledSetExporter(tmp_path / "distilled", class_names=data.class_names)
-    trainer = build_trainer(
-        data,
-        "pixel",
-        ipc=1,
-        iterations=2,
-        generator=PixelGenerator((3, 8, 8)),
-        batch_real_per_class=2,
-        matcher_args={"embedder_kwargs": {"width": 8}},
-        handlers=[grid, export],
-        device="cpu",
-    )
+    export = DistilledSetExporter(tmp_path / "distilled", class_names=["a", "b", "c"])
+    trainer = _tiny_pixel_trainer(4, iterations=2, handlers=[grid, export])
     assert grid.parameterization is trainer.parameterization and grid.generator is trainer.generator
     assert export.matcher is trainer.matcher
     trainer.run()
