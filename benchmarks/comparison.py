@@ -123,6 +123,14 @@ def report(paths: list[str]) -> None:
             print(f"| {row['row']} | {ipc} | " + " | ".join(cells) + f" | {cross_cell} |")
 
 
+def output_file(out: Path, suffix: str) -> Path:
+    """The file ``suffix`` of the output stem ``out``: ``out`` may name no suffix (``runs/a_lr0.01``, whose dot is part
+    of the name, not a suffix to replace) or one of the outputs' (``runs/a.json``)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+    return stem.with_name(stem.name + suffix)
+
+
 def synthetic_medmnist(folder: Path, per_class: int = 120, size: int = 28, seed: int = 0) -> Path:
     """A five-class set in the MedMNIST npz layout whose classes differ in colour, blob size and texture, under
     strong per-image noise and random positions, so that it is learnable but not trivially separable."""
@@ -194,7 +202,7 @@ def main() -> None:
     def emit(line: str = "") -> None:
         print(line, flush=True)
         lines.append(line)
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        output_file(out, ".md").write_text("\n".join(lines) + "\n")
 
     header = ["row", "IPC", *args.backbones, "cross-arch (non-ConvNet)", "distil s"]
     name = "synthetic (RetinaMNIST layout)" if args.synthetic else args.dataset
@@ -231,9 +239,9 @@ def main() -> None:
             cells = [row, str(ipc if row != "full" else "all"), *fmt(summary, args.backbones), f"{seconds:.0f}"]
             emit("| " + " | ".join(cells) + " |")
             table.append({"row": row, "ipc": ipc, "summary": summary, "distil_seconds": seconds})
-            out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=2))
+            output_file(out, ".json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=2))
     if table:
-        plot(table, args.backbones, out.with_suffix(".png"), name)
+        plot(table, args.backbones, output_file(out, ".png"), name)
     if generator_path.is_file():  # how well the generator reconstructs: what bounds every latent row
         from monai_pld.networks.generators import load_generator
 
@@ -256,9 +264,7 @@ def main() -> None:
                 cells.append(f"{100 * v['accuracy']:.1f} ± {100 * v['accuracy_std']:.1f}")
                 ablation.append({"rank": rank, "kl_weight": kl, "row": row, **v})
             emit(f"| {rank} | {kl} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
-            ablation_json = (
-                out.with_suffix(".json") if args.ablation_only else out.with_name(out.name + "_ablation.json")
-            )
+            ablation_json = output_file(out, ".json") if args.ablation_only else output_file(out, "_ablation.json")
             ablation_json.write_text(json.dumps({"args": vars(args), "rows": ablation}, indent=2))
 
 

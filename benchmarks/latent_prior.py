@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from comparison import synthetic_medmnist  # benchmarks/, on the path when run as a script
+from comparison import output_file, synthetic_medmnist  # benchmarks/, on the path when run as a script
 from ignite.engine import Events
 
 from monai_pld.data import ImageSet, load_dataset
@@ -364,18 +364,18 @@ def main() -> None:
                 + f"; distil {statistics.fmean(seconds_all):.0f}s, final loss {losses}",
                 flush=True,
             )
-            out.with_suffix(".json").write_text(json.dumps({"header": header, "args": vars(args), "rows": table}))
+            output_file(out, ".json").write_text(json.dumps({"header": header, "args": vars(args), "rows": table}))
     meta = {}
     if os.path.isfile(args.generator_path):
         meta = load_generator(args.generator_path).metadata
-    text = header + "\n" + report([str(out.with_suffix(".json"))])
+    text = header + "\n" + report([str(output_file(out, ".json"))])
     if meta:
         text += (
             f"\n\ngenerator {args.generator_path}: {meta.get('steps')} steps on {meta.get('train_images')} images, "
             f"validation PSNR {meta.get('val_psnr', float('nan')):.1f} dB, "
             f"SSIM {meta.get('val_ssim', float('nan')):.3f}"
         )
-    out.with_suffix(".md").write_text(text + "\n")
+    output_file(out, ".md").write_text(text + "\n")
     print(text)
 
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from comparison import output_file  # benchmarks/, on the path when run as a script
 from ignite.engine import Events
 
 from monai_pld.data import ImageSource, load_dataset
@@ -181,7 +182,7 @@ def main() -> None:
             curve_seeds[kind].append(seed)
             record = {"header": header, "args": {k: str(v) for k, v in vars(args).items()}}
             record.update(curves=curves, curve_seeds=curve_seeds, notes=notes)
-            args.out.with_suffix(".json").write_text(json.dumps(record))  # after every curve: nothing finished lost
+            output_file(args.out, ".json").write_text(json.dumps(record))  # after every curve: nothing finished lost
     curves = {kind: points for kind, points in curves.items() if points}
     # seconds of iterations per iteration, from each curve's last checkpoint (the run's end)
     seconds_per_it = {k: statistics.fmean(c[-1]["seconds"] / c[-1]["iteration"] for c in v) for k, v in curves.items()}
@@ -216,7 +217,7 @@ def main() -> None:
         for seed, curve in zip(curve_seeds[kind], points, strict=True):
             lines.append(f"  * seed {seed}: " + ", ".join(f"{100 * p['accuracy']:.1f}" for p in curve))
     text = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    output_file(args.out, ".md").write_text(text + "\n")
     print(text)
 
 
