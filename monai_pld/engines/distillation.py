@@ -19,18 +19,21 @@ MLflow) and writes checkpoints; every rank resumes from the newest one, whatever
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from monai.engines import Trainer
-from monai.handlers import CheckpointSaver
 
 from monai_pld import distributed
-from monai_pld.handlers.resume import ResumeFromCheckpoint
+from monai_pld.handlers.resume import AtomicCheckpointSaver, ResumeFromCheckpoint, RunSettings
 from monai_pld.utils import derive_seed
 
 __all__ = ["DistillationTrainer"]
@@ -62,10 +65,13 @@ class DistillationTrainer(Trainer):
             the same.
         kl_weight: weight ``beta`` of the KL of each slot's Gaussian to its class prior (0 disables).
         seed: base of the per-iteration seeds.
-        checkpoint_dir: when given, MONAI ``CheckpointSaver`` writes the whole training state there every
-            ``checkpoint_interval`` iterations, at the end and when an exception (including Ctrl-C) stops the run.
-        checkpoint_interval: iterations between checkpoints (only the newest periodic one is kept).
-        resume: continue from the newest checkpoint in ``checkpoint_dir`` (same results as an uninterrupted run).
+        checkpoint_dir: when given, ``AtomicCheckpointSaver`` (MONAI's ``CheckpointSaver``, every file written
+            atomically) writes the whole training state there every ``checkpoint_interval`` iterations, at the end
+            and when an exception (including Ctrl-C) stops the run.
+        checkpoint_interval: iterations between checkpoints (the two newest periodic ones are kept).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (same results as an uninterrupted run),
+            after ``ResumeFromCheckpoint`` has checked that it is this run's; ``False`` moves any checkpoints already
+            there into a subfolder and starts anew.
         train_handlers: ignite/MONAI handlers, attached after the engine is complete.
 
     Example::
@@ -130,6 +136,7 @@ class DistillationTrainer(Trainer):
             )
         self.decode_chunk = decode_chunk
         self.seed = int(seed)
+        self._stepped = False  # whether the current iteration's optimiser step has been taken
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         # under torchrun, how the matcher's work is split (None: the whole loss on every rank, or one process)
         self.class_split = getattr(matcher, "class_split", None) if self.world_size > 1 and not self.fixed else None
@@ -162,20 +169,17 @@ class DistillationTrainer(Trainer):
             handlers = [
                 ResumeFromCheckpoint(checkpoint_dir, state, enabled=resume, map_location=device),
                 *handlers,
-                CheckpointSaver(
-                    save_dir=str(checkpoint_dir),
-                    save_dict=state,
-                    save_final=True,
-                    save_interval=int(checkpoint_interval),
-                    n_saved=1,
+                AtomicCheckpointSaver(
+                    save_dir=str(checkpoint_dir), save_dict=state, save_interval=int(checkpoint_interval)
                 ),
             ]
         self._register_handlers(handlers)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """Everything a resumed run needs: engine counters, the parameterisation, optimiser moments, the position
-        of the real-batch stream (when the loader can report it) and the matcher's own state (when it has any)."""
-        state: dict[str, Any] = {"trainer": self}
+        of the real-batch stream (when the loader can report it), the matcher's own state (when it has any) and the
+        settings the result depends on (compared, not restored, when resuming)."""
+        state: dict[str, Any] = {"trainer": self, "run": RunSettings(self.run_settings())}
         if not self.fixed:
             state.update(parameterization=self.parameterization, optimizer=self.optimizer)
         if callable(getattr(self.data_loader, "state_dict", None)):
@@ -183,6 +187,24 @@ class DistillationTrainer(Trainer):
         if isinstance(self.matcher, torch.nn.Module) and self.matcher.state_dict():
             state["matcher"] = self.matcher  # e.g. DC's inner model mid outer loop, MTT's learnt student lr
         return state
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a checkpoint must share with a run that resumes from it: the seeds, the parameterisation's
+        settings, the matcher's kind and the real images per class (not the learning rates, which a resume may
+        lower, nor speed options, which leave the result as it is)."""
+        dataset = getattr(self.data_loader, "dataset", None)
+        labels = getattr(dataset, "labels", None)
+        hyper = getattr(self.parameterization, "hyper_parameters", None)
+        return {
+            "seed": self.seed,
+            "parameterization": dict(hyper) if isinstance(hyper, dict) else type(self.parameterization).__name__,
+            "matcher": type(self.matcher).__name__,
+            "matcher_seed": getattr(self.matcher, "seed", None),
+            "samples_per_slot": self.samples_per_slot,
+            "antithetic": self.antithetic,
+            "include_mean": self.include_mean,
+            "real_images_per_class": torch.bincount(labels).tolist() if isinstance(labels, torch.Tensor) else None,
+        }
 
     def run(self) -> None:
         """Run the distillation; under several ranks a failure names the rank that failed."""
@@ -206,16 +228,22 @@ class DistillationTrainer(Trainer):
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         if engine.fixed:
             return [{}]
+        # a matcher that changes its own state inside its loss (DC's inner model, MTT's learnt rate) is put back too
+        stateful = isinstance(engine.matcher, torch.nn.Module) and bool(engine.matcher.state_dict())
+        before = copy.deepcopy(engine.matcher.state_dict()) if stateful else None
+        engine._stepped = False
         try:
             values = engine._matching_step(batchdata)
         except BaseException:
-            # The step was not taken: count this iteration and its real batch as not done, so that the checkpoint
-            # written on this exception (and a run resumed from it) continues exactly where the last whole step
-            # ended. A matcher that changes its own state inside its loss (DC's inner model) is resumed from the
-            # state it reached, not rolled back.
-            engine.state.iteration -= 1
-            if isinstance(getattr(engine.data_loader, "position", None), int):
-                engine.data_loader.position -= 1
+            if not engine._stepped:
+                # The step was not taken: count this iteration and its real batch as not done, and put the matcher
+                # back, so that the checkpoint written on this exception (and a run resumed from it) continues
+                # exactly where the last whole step ended. (Once the optimiser has stepped, the step is kept.)
+                engine.state.iteration -= 1
+                if isinstance(getattr(engine.data_loader, "position", None), int):
+                    engine.data_loader.position -= 1
+                if before is not None:
+                    engine.matcher.load_state_dict(before)
             raise
         # A one-element list of dicts is MONAI's decollated output form, so stock handlers and the bundle's
         # `--tracking mlflow` (which reads `from_engine(["loss"], first=True)`) work unchanged.
@@ -278,7 +306,9 @@ class DistillationTrainer(Trainer):
                 values = [match_value + self.kl_weight * kl_value, match_value, kl_value]
                 if not math.isfinite(values[0]):
                     self._non_finite(values[0], step)
-            self.optimizer.step()
+            with _interrupt_after():  # a Ctrl-C here would leave some parameters or moments stepped and some not
+                self.optimizer.step()
+                self._stepped = True
         return values
 
     def _groups(self, num_images: int, device: torch.device) -> torch.Tensor:
@@ -296,3 +326,22 @@ class DistillationTrainer(Trainer):
             f"distillation loss became {value} at iteration {step}; lower 'lr_codes'/'lr_network' "
             "or resume from the last checkpoint with a smaller learning rate"
         )
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block has finished, then raise it (main thread only; elsewhere, or when
+    another handler than Python's own is installed, the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt

@@ -1,5 +1,6 @@
 """DistillationTrainer and generator pretraining, run for real on tiny synthetic data."""
 
+import contextlib
 import math
 import os
 
@@ -26,7 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def _trainer(
-    data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, include_mean=False, matcher_args=None, **kwargs
+    data, kind="slfd", iterations=3, seed=0, kl_weight=0.0, rank=4, include_mean=False, matcher_args=None, ipc=2, **kw
 ):
     torch.manual_seed(0)  # the untrained generator's weights
     generator = AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).freeze()
@@ -34,7 +35,7 @@ def _trainer(
         data,
         kind,
         "dm",
-        ipc=2,
+        ipc=ipc,
         iterations=iterations,
         generator=generator,
         rank=rank,
@@ -46,7 +47,7 @@ def _trainer(
         batch_real_per_class=4,
         matcher_args={"embedder_kwargs": {"width": 16}, **(matcher_args or {})},
         device="cpu",
-        **kwargs,
+        **kw,
     )
 
 
@@ -360,3 +361,124 @@ def test_a_feature_layer_run_is_read_back_at_its_layer(tiny, tmp_path):
     with np.load(tmp_path / "distilled" / "images.npz") as npz:
         exported = torch.from_numpy(npz["images"]).permute(0, 3, 1, 2).float() / 255
     assert (from_file.images - exported).abs().max() <= 1 / 255 + 1e-6
+
+
+def _same_as_uninterrupted(resumed, whole):
+    resumed.run()
+    whole.run()
+    assert torch.allclose(resumed.parameterization.mean(), whole.parameterization.mean(), atol=1e-6)
+
+
+def test_ctrl_c_during_the_optimiser_step_is_taken_after_it(tiny, tmp_path):
+    """A real SIGINT while the optimiser steps: the step completes, then the run stops with a checkpoint of that
+    very iteration (not of the one before, which would pair iteration k-1 with parameters already stepped)."""
+    import signal
+
+    trainer = _trainer(tiny[1], iterations=5, checkpoint_dir=tmp_path, checkpoint_interval=100)
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        if trainer.state.iteration == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    saved = torch.load(tmp_path / "checkpoint_final_iteration=3.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == 3 and saved["optimizer"]["state"][0]["step"] == 3
+    _same_as_uninterrupted(
+        _trainer(tiny[1], iterations=5, checkpoint_dir=tmp_path, resume=True), _trainer(tiny[1], iterations=5)
+    )
+
+
+def test_dc_interrupted_after_its_inner_update_resumes_exactly(tiny, tmp_path):
+    """DC changes its own state (the inner network, its step counter) inside the loss; an interrupt later in the
+    same step puts that back with the trainer's counter, so the run resumes and equals an uninterrupted one."""
+    dc = {"model_kwargs": {"width": 8, "depth": 1}, "loops": [3, 1], "batch_train": 64}
+
+    def trainer(**kwargs):
+        torch.manual_seed(0)
+        generator = AutoencoderKLGenerator(**default_autoencoder_config(28, 3)).freeze()
+        return build_trainer(
+            tiny[1], "slfd", "dc", ipc=2, iterations=4, generator=generator, rank=4, lr_codes=0.01,
+            lr_network=0.001, batch_real_per_class=4, device="cpu", matcher_args=dc, **kwargs,
+        )  # fmt: skip
+
+    first = trainer(checkpoint_dir=tmp_path, checkpoint_interval=100)
+    loss = first.matcher.loss
+
+    def loss_then_interrupt(*args, **kwargs):
+        value = loss(*args, **kwargs)
+        if first.state.iteration == 2:
+            raise KeyboardInterrupt
+        return value
+
+    first.matcher.loss = loss_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    saved = torch.load(tmp_path / "checkpoint_final_iteration=1.pt", weights_only=True)
+    assert int(saved["matcher"]["last_step"]) == 1
+    _same_as_uninterrupted(trainer(checkpoint_dir=tmp_path, resume=True), trainer())
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one(tiny, tmp_path, monkeypatch):
+    """A disk that fills up (or a kill) while iteration 4's checkpoint is written: the file of iteration 3 is
+    still there and whole, no partial file looks like a checkpoint, and the run resumes from iteration 3."""
+    import ignite.handlers.checkpoint as ignite_checkpoint
+
+    real_save = torch.save
+    trainer = _trainer(tiny[1], iterations=6, checkpoint_dir=tmp_path, checkpoint_interval=1)
+
+    def save(obj, f, *args, **kwargs):
+        if obj["trainer"]["iteration"] == 4:
+            with open(f, "wb") if isinstance(f, str | os.PathLike) else contextlib.nullcontext(f) as file:
+                file.write(b"half a checkpoint")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ignite_checkpoint.torch, "save", save)
+    with pytest.raises(OSError, match="No space"):
+        trainer.run()
+    monkeypatch.setattr(ignite_checkpoint.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]
+    _same_as_uninterrupted(
+        _trainer(tiny[1], iterations=6, checkpoint_dir=tmp_path, resume=True), _trainer(tiny[1], iterations=6)
+    )
+
+
+def test_the_two_newest_periodic_checkpoints_are_kept(tiny, tmp_path):
+    _trainer(tiny[1], iterations=5, checkpoint_dir=tmp_path, checkpoint_interval=1).run()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "checkpoint_epoch=4.pt",
+        "checkpoint_epoch=5.pt",
+        "checkpoint_final_iteration=5.pt",
+    ]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_and_keeps_it(tiny, tmp_path):
+    """Another seed, another IPC, fewer iterations: a clear error before anything runs, and the checkpoint, which
+    a failed resume used to overwrite with the new run's initial state, is left as it was."""
+    from monai_pld.handlers import CheckpointError
+
+    _trainer(tiny[1], iterations=2, checkpoint_dir=tmp_path, checkpoint_interval=1).run()
+    files = {p: p.read_bytes() for p in tmp_path.glob("*.pt")}
+    with pytest.raises(CheckpointError, match=r"seed 0 \(this run: 1\).*--resume false"):
+        _trainer(tiny[1], iterations=2, seed=1, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match=r"parameterization\.codes is \(18, .*\) there, \(27, .*\) here"):
+        _trainer(tiny[1], iterations=2, checkpoint_dir=tmp_path, resume=True, ipc=3).run()
+    with pytest.raises(CheckpointError, match=r"at iteration 2, beyond this run's 1 \(set 'iterations' >= 2\)"):
+        _trainer(tiny[1], iterations=1, checkpoint_dir=tmp_path, resume=True)
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.pt")} == files
+
+
+def test_starting_anew_moves_the_earlier_checkpoints_aside(tiny, tmp_path):
+    from monai_pld.handlers import latest_checkpoint
+
+    _trainer(tiny[1], iterations=2, checkpoint_dir=tmp_path, checkpoint_interval=1).run()
+    earlier = {p.name: p.read_bytes() for p in tmp_path.glob("*.pt")}
+    _trainer(tiny[1], iterations=1, seed=1, checkpoint_dir=tmp_path, checkpoint_interval=100).run()
+    (aside,) = tmp_path.glob("earlier_*")
+    assert {p.name: p.read_bytes() for p in aside.glob("*.pt")} == earlier
+    assert latest_checkpoint(tmp_path).name == "checkpoint_final_iteration=1.pt"
+    _trainer(tiny[1], iterations=2, seed=1, checkpoint_dir=tmp_path, resume=True).run()  # its own: accepted
