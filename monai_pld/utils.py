@@ -329,8 +329,15 @@ def mlflow_experiment(
     import mlflow
 
     wanted = _artifact_uri(artifact_location) if artifact_location else default_artifact_location(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=str(tracking_uri))
-    found = client.get_experiment_by_name(experiment_name)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=str(tracking_uri))
+        found = client.get_experiment_by_name(experiment_name)
+    except (KeyError, mlflow.exceptions.MlflowException) as e:  # an unknown scheme ends in a bare KeyError
+        raise ValueError(
+            f"'tracking_uri' {str(tracking_uri)!r} cannot be used ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}); give e.g. sqlite:///mlruns.db, a folder, or the address "
+            "of an MLflow server (http://host:5000), or '' to log nothing"
+        ) from e
     if found is None:
         try:
             return client.create_experiment(experiment_name, artifact_location=wanted)

@@ -124,3 +124,10 @@ def test_innermost_error_follows_causes_and_contexts():
     assert [type(e) for e in bundle_errors.error_chain(error)] == [RuntimeError, ConfigError]
     lone = KeyError("x")
     assert bundle_errors.innermost_error(lone) is lone
+
+
+def test_an_unusable_tracking_uri_is_named():
+    from monai_pld.utils import mlflow_experiment
+
+    with pytest.raises(ValueError, match=r"'tracking_uri' 'foo://bar' cannot be used .*sqlite:///mlruns.db"):
+        mlflow_experiment("foo://bar", "x")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from monai_pld.utils import ConfigError, as_bool
 
 from .base import ImageSet
 from .files import load_files
-from .medmnist import DatasetNotFoundError
+from .medmnist import DatasetNotFoundError, npz_array, open_npz
 from .preprocess import Preprocess
 from .splits import Source, assign_splits, check_classes, split_file
 
@@ -149,11 +148,8 @@ def source_summary(data: ImageSet) -> dict[str, Any]:
 
 
 def _read_npz(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str] | None]:
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable npz file ({type(e).__name__}: {e})") from e
-    with npz:
+    advice = "write it again (e.g. with numpy.savez_compressed) or copy it over again"
+    with open_npz(path, advice) as npz:
         if "train_images" not in npz.files or "train_labels" not in npz.files:
             raise ValueError(
                 f"{path} lacks train_images/train_labels (it has {sorted(npz.files)}); an npz source needs the "
@@ -164,8 +160,10 @@ def _read_npz(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], lis
             if f"{split}_images" in npz.files:
                 if f"{split}_labels" not in npz.files:
                     raise ValueError(f"{path} has {split}_images but no {split}_labels")
-                parts[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
-        names = [str(n) for n in npz["class_names"].tolist()] if "class_names" in npz.files else None
+                parts[split] = tuple(npz_array(npz, f"{split}_{k}", path, advice) for k in ("images", "labels"))
+        names = None
+        if "class_names" in npz.files:
+            names = [str(n) for n in np.atleast_1d(npz_array(npz, "class_names", path, advice)).tolist()]
     for split, (images, labels) in parts.items():
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
@@ -222,6 +220,9 @@ def _load_npz(path: Path, split: str, image_size: int | None, opts: dict[str, An
         images = part_images if len(local) == len(part_images) else part_images[local]
     else:
         images = np.concatenate([im for im, _ in parts.values()])[pick]
+    # every split gets the training part's channels (a grey test split of a colour file would not fit the network)
+    train_channels = parts["train"][0].shape[-1]
+    opts = {**opts, "channels": opts["channels"] or (3 if train_channels == 4 else train_channels)}
     return _to_imageset(images, source.labels[pick], names, path, split, image_size, opts)
 
 

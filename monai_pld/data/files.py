@@ -135,9 +135,27 @@ def _check_inside(files: list[str], where: list[str], root: Path, allow_outside:
             )
 
 
+# folder names that mean a split, not a class, in layouts found in the wild (Kaggle's Training/Testing, valid/)
+_SPLIT_LIKE = {"training": "train", "validation": "val", "valid": "val", "testing": "test", "eval": "val"}
+
+
+def _check_split_names(root: Path) -> None:
+    """Refuse split folders spelt otherwise than ``train``/``val``/``test``: read as classes (or skipped beside a
+    ``train/``), their images would silently become a class of their own or go unused."""
+    names = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    odd = [n for n in names if n.lower() in _SPLIT_LIKE or (n.lower() in ("train", "val", "test") and n != n.lower())]
+    if odd:
+        renames = ", ".join(f"{n}/ -> {_SPLIT_LIKE.get(n.lower(), n.lower())}/" for n in sorted(odd))
+        raise ValueError(
+            f"{root} has folders named like splits ({', '.join(sorted(odd))}) that would be read as classes or "
+            f"ignored: split folders must be called train/, val/ and test/ exactly; rename them ({renames})"
+        )
+
+
 def list_folder(root: Path, allow_outside: bool = False) -> tuple[Source, list[str]]:
     """An ImageFolder (``<root>/<class>/<images>``), or ``train/``, ``val/``, ``test/`` folders each laid out so."""
     split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    _check_split_names(root)
     if "train" not in split_dirs:
         split_dirs = {None: root}
     per_split: dict[str | None, dict[str, list[str]]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,17 +118,39 @@ def load_medmnist(
     return _read_split(path, flag, split, size, info)
 
 
-def _read_split(path: Path, flag: str, split: str, size: int, info: dict) -> ImageSet:
+# what np.load and reading a member raise for a damaged or foreign file (zlib.error derives from Exception alone)
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError)
+
+
+def open_npz(path: Path, advice: str) -> np.lib.npyio.NpzFile:
+    """``np.load`` of an npz (no pickle), with a ``ValueError`` naming the file and ``advice`` when it is not one."""
     try:
         npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable npz file ({type(e).__name__}: {e}); download it again") from e
-    with npz:
+    except _UNREADABLE as e:
+        raise ValueError(f"{path} is not a readable npz file ({type(e).__name__}: {e}); {advice}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # an .npy renamed: np.load hands back one bare array
+        raise ValueError(f"{path} holds a single .npy array, not an npz archive of named arrays; {advice}")
+    return npz
+
+
+def npz_array(npz: np.lib.npyio.NpzFile, key: str, path: Path, advice: str) -> np.ndarray:
+    """Member ``key`` of an open npz; a damaged member (bad compressed data, truncated) is a ``ValueError``."""
+    try:
+        return npz[key]
+    except _UNREADABLE as e:
+        raise ValueError(
+            f"{path}: {key} cannot be read ({type(e).__name__}: {e}); the file is damaged: {advice}"
+        ) from e
+
+
+def _read_split(path: Path, flag: str, split: str, size: int, info: dict) -> ImageSet:
+    advice = "download it again (delete it and run with --download true)"
+    with open_npz(path, advice) as npz:
         wanted = [f"{split}_images", f"{split}_labels"]
         missing = [k for k in wanted if k not in npz.files]
         if missing:
             raise ValueError(f"{path} lacks {missing} (it has {sorted(npz.files)}); is it a MedMNIST file?")
-        images, labels = npz[wanted[0]], npz[wanted[1]]
+        images, labels = (npz_array(npz, key, path, advice) for key in wanted)
     channels = int(info["n_channels"])
     expected = (size, size) if channels == 1 else (size, size, channels)
     if images.dtype != np.uint8 or images.shape[1:] != expected:
@@ -148,6 +171,14 @@ def _read_split(path: Path, flag: str, split: str, size: int, info: dict) -> Ima
             f"{path}: {split}_labels must lie in [0, {len(class_names)}) for the {len(class_names)} classes of "
             f"{flag}, found {labels.min()}..{labels.max()}"
         )
+    if split == "train":  # the official files hold every class; a missing one means a cut or altered file
+        counts = np.bincount(labels, minlength=len(class_names))
+        empty = [f"{c} ({class_names[c]})" for c in np.flatnonzero(counts == 0)]
+        if empty:
+            raise ValueError(
+                f"{path}: class {', '.join(empty)} of {flag} has no training images, so it cannot be distilled; the "
+                f"file is not the official one: {advice}, or use the custom bundle for a subset of the classes"
+            )
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     tensor = tensor.unsqueeze(1) if channels == 1 else tensor.permute(0, 3, 1, 2).contiguous()
     return ImageSet(tensor, torch.from_numpy(labels.astype(np.int64)), class_names, flag)

@@ -100,9 +100,16 @@ def check_classes(train_labels: np.ndarray, names: list[str], where: str) -> Non
     counts = np.bincount(train_labels, minlength=len(names))
     empty = [f"{c} ({names[c]})" for c in np.flatnonzero(counts == 0)]
     if empty:
+        lowest = int(np.flatnonzero(counts)[0]) if counts.any() else 0
+        hint = (
+            f" The labels start at {lowest}: classes are numbered from 0, so if there is no class 0, subtract "
+            f"{lowest} from every label (e.g. 1..K becomes 0..K-1)."
+            if lowest > 0 and all(counts[:lowest] == 0)
+            else ""
+        )
         raise ValueError(
             f"{where}: class {', '.join(empty)} has no training images; every class needs training images to be "
-            "distilled: add images of it, or remove the class from the labels"
+            f"distilled: add images of it, or remove the class from the labels.{hint}"
         )
 
 

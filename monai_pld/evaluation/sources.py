@@ -59,7 +59,7 @@ def load_image_source(
     if is_package(path):  # verified (manifest, checksums, labels) before anything is parsed
         package = load_distilled(path, map_location=resolve_device(device), load_generator=mode != "mean")
         source = package.image_source(mode, seed)
-        _check_against(source, train, path)
+        _check_against(source, train, path, package.class_names)
         return source
     if path.is_dir():
         path = path / "distilled" if (path / "distilled").is_dir() else path
@@ -74,8 +74,10 @@ def load_image_source(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest:
         description["manifest"] = {k: manifest.get(k) for k in ("ipc", "parameterization", "matcher", "config")}
+    class_names = list(manifest.get("class_names") or [])
     if path.suffix == ".npz":
-        images, labels, _ = read_images(path, require_class_names=False)
+        images, labels, names = read_images(path, require_class_names=False)
+        class_names = list(names) or class_names
         source = ImageSource(as_float_images(images), torch.from_numpy(labels), description)
     else:
         generator_file = generator_path or (manifest.get("generator") or {}).get("path")
@@ -87,11 +89,20 @@ def load_image_source(
             generator_file, map_location=dev, latent_layer=param.hyper_parameters.get("latent_layer", 0)
         )
         source = ImageSource.from_distribution(param, generator, description, mode, seed)
-    _check_against(source, train, path)
+    _check_against(source, train, path, class_names)
     return source
 
 
-def _check_against(source: ImageSource, train: ImageSet, path: Path) -> None:
+def _check_against(source: ImageSource, train: ImageSet, path: Path, class_names: list[str]) -> None:
+    """The set must be of the data it is tested on: same image shape, and, when it names its classes (every set
+    this package writes does), the same classes in the same order; otherwise the accuracy would be meaningless."""
+    if class_names and [str(n) for n in class_names] != [str(n) for n in train.class_names]:
+        shown = [str(n) for n in train.class_names]
+        raise ValueError(
+            f"{path} was distilled from {len(class_names)} classes {_few(class_names)}, but the data have "
+            f"{len(shown)} classes {_few(shown)}; evaluate it with the dataset (dataset_flag, dataset_dir) it was "
+            "distilled from"
+        )
     shape = (train.channels, train.image_size, train.image_size)
     if tuple(source.images.shape[1:]) != shape:
         raise ValueError(
@@ -103,6 +114,11 @@ def _check_against(source: ImageSource, train: ImageSet, path: Path) -> None:
             f"{path} has labels up to {int(source.labels.max())} but the data have {train.num_classes} classes; "
             "evaluate it with the dataset it was distilled from"
         )
+
+
+def _few(names: list[str], limit: int = 10) -> str:
+    names = [str(n) for n in names]
+    return str(names) if len(names) <= limit else str(names[:limit])[:-1] + ", ...]"
 
 
 def default_evaluation_dir(distilled: str | os.PathLike, dataset_flag: str, image_size: int, mode: str) -> str:

@@ -141,6 +141,8 @@ def export_package(
         raise PackageError(str(e)) from e
     config = dict(run_manifest.get("config") or {})
     flag = (run_manifest.get("dataset") or {}).get("flag") or config.get("dataset_flag") or getattr(train, "name", "")
+    if audit and train is not None:
+        _check_training_split(folder, run_manifest, names, train)
     # the cheap checks of the inputs first, the audit (minutes on a large training split) after them
     members = {"images.npz": (folder / "images.npz").read_bytes()}
     members.update(_model_members(folder, run_manifest, include_distribution, include_generator, generator_path))
@@ -194,6 +196,22 @@ def _generator_file(folder: Path, run_manifest: Mapping[str, Any], generator_pat
             f"{folder / MANIFEST}); give the right generator_path"
         )
     return path
+
+
+def _check_training_split(folder: Path, run_manifest: dict[str, Any], names: list[str], train: Any) -> None:
+    """The audit compares the set with the split it was distilled from; another dataset would pass it vacuously."""
+    theirs = [str(n) for n in getattr(train, "class_names", [])]
+    if names and [str(n) for n in names] != theirs:
+        raise PackageError(
+            f"{folder} was distilled from classes {list(names)}, but the training split given for the privacy audit "
+            f"has {theirs}; give the dataset (dataset_flag, dataset_dir) the set was distilled from"
+        )
+    recorded = (run_manifest.get("dataset") or {}).get("train_images")
+    if isinstance(recorded, int) and recorded != len(train):
+        raise PackageError(
+            f"{folder} was distilled from {recorded} training images, but the training split given for the privacy "
+            f"audit has {len(train)}; give the dataset (dataset_flag, dataset_dir, data_options) it was distilled from"
+        )
 
 
 def _model_members(

@@ -13,9 +13,9 @@ import torch
 from monai_pld.data import ClassBalancedBatches, ImageSet, select_initial_images, select_initial_indices
 from monai_pld.defaults import OPTIMIZERS, default_learning_rates
 from monai_pld.engines.distillation import DistillationTrainer
-from monai_pld.engines.generator import ensure_generator
+from monai_pld.engines.generator import ensure_generator, pretrain_settings
 from monai_pld.matching import DistributionMatcher, GradientMatcher, TrajectoryMatcher
-from monai_pld.networks.generators import LatentGenerator, PixelGenerator, at_layer
+from monai_pld.networks.generators import AutoencoderKLGenerator, LatentGenerator, PixelGenerator, at_layer
 from monai_pld.parameterizations import BASELINES, LatentCodes, RealImageSet, SLFDistribution
 from monai_pld.utils import (
     MATCHERS,
@@ -58,6 +58,13 @@ def build_generator(
     dev = resolve_device(device)
     if parameterization == "pixel" or parameterization in BASELINES:
         return PixelGenerator((dataset.channels, dataset.image_size, dataset.image_size)).to(dev).freeze()
+    if latent_layer and not os.path.isfile(generator_path):
+        # a layer the architecture to be pretrained does not have fails now, not after minutes of pretraining
+        settings = pretrain_settings("", dataset.image_size, dataset.channels, network=pretrain_kwargs.get("network"))
+        try:
+            at_layer(AutoencoderKLGenerator(**settings["network"]), int(latent_layer))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     generator = ensure_generator(
         generator_path, device=dev, policy=policy, in_channels=dataset.channels, **pretrain_kwargs
     )

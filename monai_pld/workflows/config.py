@@ -66,6 +66,9 @@ def check_distillation_config(
     momentum: Any = 0.5,
     generator: Any = None,
     expert_dir: Any = None,
+    init: Any = "real",
+    hidden_channels: Any = 32,
+    decode_chunk: Any = 30,
 ) -> dict[str, Any]:
     """Check every distillation config value before any work starts.
 
@@ -129,6 +132,10 @@ def check_distillation_config(
         )
     check_number("kl_weight", kl_weight, 0.0)
     check_int("latent_layer", latent_layer, 0)
+    if init not in ("real", "noise"):
+        raise ConfigError(f"'init' must be 'real' (encodings of real images) or 'noise', got {init!r}")
+    check_int("hidden_channels", hidden_channels, 1)
+    check_int("decode_chunk", decode_chunk, 0)
     # latent_layer splits the generator's decoder; pixel and the real-image baselines have no decoder and ignore it
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}; e.g. --optimizer adam")
@@ -183,14 +190,26 @@ def check_distillation_config(
 
 
 def check_evaluation_config(
-    runs: Any, epochs: Any, backbones: Any, protocol: Any, mode: Any, distilled: Any
+    runs: Any,
+    epochs: Any,
+    backbones: Any,
+    protocol: Any,
+    mode: Any,
+    distilled: Any,
+    ipc: Any = 1,
+    test_split: Any = "test",
 ) -> dict[str, Any]:
     """Check the evaluation bundle's values before any data are read.
 
     Raises:
         ConfigError: naming the key, the value and what is accepted.
     """
-    for key, value in (("runs", runs), ("epochs", epochs)):
+    if test_split not in ("test", "val"):
+        raise ConfigError(
+            f"'test_split' must be 'test' or 'val' (the classifiers train on the distilled set and are tested on "
+            f"real images they never saw), got {test_split!r}"
+        )
+    for key, value in (("runs", runs), ("epochs", epochs), ("ipc", ipc)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"'{key}' must be an integer >= 1, got {value!r}")
     if isinstance(backbones, str):

@@ -424,3 +424,46 @@ def test_distillation_config_check_covers_custom_data(tmp_path):
         )
     checked = check_distillation_config(**common, dataset_flag="custom", dataset_dir=str(tmp_path), data_options={})
     assert checked["iterations"] == 1
+
+
+def test_npz_damaged_or_not_an_archive(tmp_path):
+    """A bit flipped inside a compressed member, or an .npy renamed .npz: a message naming the file, not zlib's."""
+    arrays = _npz(tmp_path / "plain.npz")
+    np.savez_compressed(tmp_path / "good.npz", **arrays)
+    data = bytearray((tmp_path / "good.npz").read_bytes())
+    middle = len(data) // 3  # inside one of the compressed members
+    data[middle : middle + 200] = bytes(200)
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged.npz: \w+_images cannot be read .*the file is damaged"):
+        load_dataset("custom", "train", tmp_path / "damaged.npz")
+    np.save(tmp_path / "array.npy", arrays["train_images"])
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    with pytest.raises(ValueError, match="array.npz holds a single .npy array, not an npz archive"):
+        load_dataset("custom", "train", tmp_path / "array.npz")
+
+
+def test_npz_splits_take_the_training_channels(tmp_path):
+    """A colour file whose test split was stored grey (or the reverse) gives every split the training channels."""
+    grey, rgb = _npz(tmp_path / "grey.npz"), _npz(tmp_path / "rgb.npz", rgb=True)
+    np.savez(tmp_path / "mixed.npz", **{**rgb, "test_images": grey["test_images"]})
+    test = load_dataset("custom", "test", tmp_path / "mixed.npz", image_size=12)
+    assert test.channels == 3 and torch.equal(test.images[:, 0], test.images[:, 2])
+    np.savez(tmp_path / "mixed_grey.npz", **{**grey, "val_images": rgb["val_images"]})
+    assert load_dataset("custom", "val", tmp_path / "mixed_grey.npz", image_size=12).channels == 1
+
+
+def test_labels_numbered_from_one_are_named_as_such(tmp_path):
+    labels = np.arange(6) % 3 + 1
+    np.savez(tmp_path / "from1.npz", train_images=np.zeros((6, 4, 4), np.uint8), train_labels=labels)
+    with pytest.raises(ValueError, match=r"The labels start at 1.*subtract 1 from every label"):
+        load_dataset("custom", "train", tmp_path / "from1.npz", image_size=4)
+
+
+@pytest.mark.parametrize("layout", [("Training", "Testing"), ("train", "valid")])
+def test_folder_with_split_folders_spelt_otherwise_is_refused(tmp_path, layout):
+    """Kaggle's Training/Testing would become two classes (the test images trained on); valid/ beside train/
+    would go unused."""
+    for split in layout:
+        _folder(tmp_path / "site" / split, per_class=2)
+    with pytest.raises(ValueError, match=r"named like splits .*must be called train/, val/ and test/"):
+        load_dataset("custom", "train", tmp_path / "site", image_size=8, data_options=_opts(tmp_path))

@@ -76,6 +76,22 @@ def test_mismatched_sets_are_refused(tmp_path):
         check_evaluation_config(1, 5, ["convnet", "lenet9"], "dc", "mean", "random")
     with pytest.raises(ConfigError, match="'distilled'"):
         check_evaluation_config(1, 5, ["convnet"], "dc", "mean", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="'ipc' must be an integer >= 1"):
+        check_evaluation_config(1, 5, ["convnet"], "dc", "mean", "random", ipc=0)
+    with pytest.raises(ConfigError, match="'test_split' must be 'test' or 'val'"):
+        check_evaluation_config(1, 5, ["convnet"], "dc", "mean", "random", test_split="train")
+    # a set of another dataset with as many classes: its class names give it away
+    names = np.array([f"other{c}" for c in range(3)])
+    np.savez(tmp_path / "images.npz", images=np.zeros((3, 16, 16, 3), np.uint8), labels=np.arange(3), class_names=names)
+    with pytest.raises(ValueError, match=r"distilled from 3 classes \['other0', 'other1', 'other2'\], but the data"):
+        load_image_source(tmp_path / "images.npz", train)
+    np.savez(
+        tmp_path / "images.npz",
+        images=np.zeros((3, 16, 16, 3), np.uint8),
+        labels=np.arange(3),
+        class_names=np.array(train.class_names),
+    )
+    assert load_image_source(tmp_path / "images.npz", train).labels.tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("name", ["convnet", "alexnet", "vgg11", "resnet18", "vit"])

@@ -275,6 +275,10 @@ def test_audit_refuses_copies_of_training_images(run, tmp_path):
     card = (forced / "README.md").read_text()
     assert "forced" in card and "real training images" in card
     assert (forced / "privacy" / "closest_pairs.png").is_file()
+    # the audit against another dataset's training split would pass vacuously: refused before it runs
+    other = ImageSet(train.images, train.labels, [f"other{c}" for c in range(9)], "other")
+    with pytest.raises(PackageError, match=r"distilled from classes .* training split given for the privacy audit"):
+        export_package(tmp_path / "random", tmp_path / "other_package", other, test, audit_kwargs={"feature_epochs": 0})
 
 
 @pytest.mark.slow

@@ -248,6 +248,9 @@ def test_dataset_and_image_size_are_checked_together(flag, size, ok):
         ("optimizer", "lbfgs"),
         ("momentum", -0.5),
         ("latent_layer", -1),
+        ("init", "zeros"),
+        ("hidden_channels", 0),
+        ("decode_chunk", -1),
     ],
 )
 def test_bad_value_names_the_key(key, value):
@@ -328,3 +331,14 @@ def test_dm_std_weight_values():
             check_distillation_config(**GOOD, dm_std_weight=1, **other)
     check_distillation_config(**GOOD, dm_std_weight=1)
     check_distillation_config(**{**GOOD, "matcher": "mtt"}, dm_std_weight=1, dm_kernel="gaussian")
+
+
+def test_a_latent_layer_the_generator_lacks_fails_before_pretraining(tmp_path):
+    """The default 28 px autoencoder has decoder layers 1..4; layer 7 is refused at once, not after pretraining."""
+    from monai_pld.data import ImageSet
+    from monai_pld.workflows.builders import build_generator
+
+    data = ImageSet(torch.zeros(4, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["a", "b"], "tiny")
+    with pytest.raises(ConfigError, match="latent_layer"):
+        build_generator("slfd", data, tmp_path / "g.pt", device="cpu", latent_layer=7, steps=10_000)
+    assert not (tmp_path / "g.pt").exists()
