@@ -194,6 +194,9 @@ def _load_npz(path: Path, split: str, image_size: int | None, opts: dict[str, An
     parts, names = _read_npz(path)
     high = max((int(labels.max()) for _, labels in parts.values() if len(labels)), default=-1)
     names = names if names is not None else [str(c) for c in range(high + 1)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{path}: class_names repeats {repeated}; give every class a name of its own")
     for s, (_, labels) in parts.items():
         if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
             raise ValueError(

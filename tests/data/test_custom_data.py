@@ -112,6 +112,9 @@ def test_npz_bad_inputs(tmp_path):
     np.savez(tmp_path / "nan.npz", train_images=images, train_labels=np.arange(6) % 2)
     with pytest.raises(ValueError, match=r"2 of 6 train_images hold NaN or infinite values \(the first at index 3\)"):
         load_dataset("custom", "train", tmp_path / "nan.npz", image_size=4)
+    _npz(tmp_path / "twice.npz", names=["a", "b", "a"])
+    with pytest.raises(ValueError, match=r"class_names repeats \['a'\]"):
+        load_dataset("custom", "train", tmp_path / "twice.npz")
     np.savez(tmp_path / "one.npz", train_images=np.zeros((4, 4, 4), np.uint8), train_labels=np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="1 class.*needs at least two classes"):
         load_dataset("custom", "train", tmp_path / "one.npz", image_size=4)
