@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from monai_pld.data.base import ImageSet
+from monai_pld.data.splits import check_classes
 
 __all__ = ["DatasetNotFoundError", "medmnist_filename", "default_medmnist_root", "medmnist_info", "load_medmnist"]
 
@@ -172,13 +173,8 @@ def _read_split(path: Path, flag: str, split: str, size: int, info: dict) -> Ima
             f"{flag}, found {labels.min()}..{labels.max()}"
         )
     if split == "train":  # the official files hold every class; a missing one means a cut or altered file
-        counts = np.bincount(labels, minlength=len(class_names))
-        empty = [f"{c} ({class_names[c]})" for c in np.flatnonzero(counts == 0)]
-        if empty:
-            raise ValueError(
-                f"{path}: class {', '.join(empty)} of {flag} has no training images, so it cannot be distilled; the "
-                f"file is not the official one: {advice}, or use the custom bundle for a subset of the classes"
-            )
+        remedy = f"this is not the official {flag} file, so {advice}, or use the custom bundle for a subset of classes"
+        check_classes(labels, class_names, str(path), remedy)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     tensor = tensor.unsqueeze(1) if channels == 1 else tensor.permute(0, 3, 1, 2).contiguous()
     return ImageSet(tensor, torch.from_numpy(labels.astype(np.int64)), class_names, flag)

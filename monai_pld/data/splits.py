@@ -90,8 +90,9 @@ def assign_splits(source: Source, opts: dict[str, Any], path: Path) -> np.ndarra
     return splits
 
 
-def check_classes(train_labels: np.ndarray, names: list[str], where: str) -> None:
-    """Raise ``ValueError`` naming every class without training images, or when there are fewer than two."""
+def check_classes(train_labels: np.ndarray, names: list[str], where: str, remedy: str | None = None) -> None:
+    """Raise ``ValueError`` naming every class without training images, or when there are fewer than two;
+    ``remedy``: what to do about an empty class (default: add images of it, or remove it from the labels)."""
     if len(names) < 2:
         raise ValueError(
             f"{where}: the labels name {len(names)} class(es) ({names}); distillation makes a set for training a "
@@ -107,9 +108,10 @@ def check_classes(train_labels: np.ndarray, names: list[str], where: str) -> Non
             if lowest > 0 and all(counts[:lowest] == 0)
             else ""
         )
+        remedy = remedy or "add images of it, or remove the class from the labels"
         raise ValueError(
             f"{where}: class {', '.join(empty)} has no training images; every class needs training images to be "
-            f"distilled: add images of it, or remove the class from the labels.{hint}"
+            f"distilled: {remedy}.{hint}"
         )
 
 
